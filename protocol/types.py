@@ -1,0 +1,118 @@
+"""Domain types of the wire protocol. Plain dataclasses: nothing here imports generated code.
+
+``protocol.serde`` converts each of them to and from its protobuf message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Phase(IntEnum):
+    """What a training-stream message carries (values match the ``Phase`` enum on the wire)."""
+
+    FORWARD_TRAIN = 1
+    FORWARD_EVAL = 2
+    BACKWARD = 3
+    ACTIVATION = 4
+    GRADIENT = 5
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """One piece of a tensor: ``data`` is ``total_bytes`` long when the tensor fits one chunk."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    total_bytes: int
+    offset: int
+    data: bytes
+
+    @property
+    def is_last(self) -> bool:
+        return self.offset + len(self.data) >= self.total_bytes
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    """One piece of a file; ``sha256`` of the whole file is set on the last piece."""
+
+    name: str
+    total_bytes: int
+    offset: int
+    data: bytes
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the cloud serves, and the content hash of the edge bundle for this split."""
+
+    model_name: str
+    model_type: str
+    num_blocks: int
+    hidden_size: int
+    edge_layers: int
+    bundle_id: str
+    bundle_bytes: int
+
+
+@dataclass(frozen=True)
+class OpenSessionRequest:
+    mode: str
+    edge_layers: int = 0  # 0: the server's default
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: ModelInfo
+
+
+@dataclass(frozen=True)
+class EdgeMessage:
+    """Edge to cloud on the training stream."""
+
+    session_id: str
+    step: int
+    phase: Phase
+    tensor: TensorChunk | None = None
+
+
+@dataclass(frozen=True)
+class CloudMessage:
+    """Cloud to edge on the training stream; ``compute_s`` is the cloud's compute time."""
+
+    step: int
+    phase: Phase
+    tensor: TensorChunk | None = None
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """A registered adapter. ``adapter_id``, ``owner`` and ``created`` are set by the cloud."""
+
+    mode: str
+    base_model: str
+    session_id: str = ""
+    adapter_id: str = ""
+    owner: str = ""
+    created: str = ""
+    size_bytes: int = 0
+    metrics_json: str = "{}"
+
+
+@dataclass(frozen=True)
+class AdapterUpload:
+    """One upload message: the first carries ``meta``, the rest ``file`` chunks."""
+
+    meta: AdapterMeta | None = None
+    file: FileChunk | None = None
+
+
+@dataclass(frozen=True)
+class AdapterList:
+    adapters: list[AdapterMeta] = field(default_factory=list)
