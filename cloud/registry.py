@@ -52,7 +52,7 @@ class AdapterRegistry:
         """Validates the staged adapter files and registers them under a new id for ``owner``."""
         _validate_adapter_dir(staged)
         adapter_id = "ad-" + uuid.uuid4().hex[:12]
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         size = sum((staged / f).stat().st_size for f in ADAPTER_FILES)
         stored = replace(meta, adapter_id=adapter_id, owner=owner, created=created, size_bytes=size)
         target = self.root / adapter_id

@@ -17,7 +17,7 @@ from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train, t
 from edge.metrics import FlopMeter, RunMetrics, StepRecord
 from edge.split import MiddleLink, RemoteMiddle, score_examples, split_step
 from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, adapter_state_dict, lora_parameters, peft_config, save_adapter
+from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
 from emulator.models import load_tokenizer
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic

@@ -86,7 +86,10 @@ def adapter_state_dict(model: nn.Module, spec: ArchSpec) -> dict[str, torch.Tens
 
 
 def peft_config(model: nn.Module, settings: LoraSettings, spec: ArchSpec, base_model: str) -> LoraConfig:
-    """The PEFT config of a LoRA-injected segment model whose ``target_modules`` are the full-model names of the adapted modules."""
+    """The PEFT config of a LoRA-injected segment model.
+
+    ``target_modules`` lists the full-model names of exactly the adapted projections.
+    """
     targets = sorted({full_model_name(n.rpartition(".lora_")[0] + ".", spec).rstrip(".")
                       for n in lora_parameters(model)})
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -124,7 +127,8 @@ def load_into_segments(model: nn.Module, state: dict[str, torch.Tensor], spec: A
     missing = sorted(set(by_full) - set(state))
     unexpected = sorted(set(state) - set(by_full))
     if missing or unexpected:
-        raise AdapterMismatchError(f"adapter does not fit this split (same --edge-layers as in training?): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise AdapterMismatchError(f"adapter does not fit this split (same --edge-layers as in training?): "
+                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for key, param in by_full.items():
             param.copy_(state[key].to(param.dtype))

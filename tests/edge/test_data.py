@@ -31,7 +31,8 @@ def test_prompt_completion_labels_and_truncation(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     (["{not json"], "t.jsonl:1: malformed JSON"),
     ([{"prompt": "a"}], "t.jsonl:1: missing field 'completion'"),
-    ([{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "b"}], "t.jsonl:2: field 'prompt' must be a string"),
+    ([{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "b"}],
+     "t.jsonl:2: field 'prompt' must be a string"),
     ([{"prompt": "a", "completion": "x" * 20}], "t.jsonl:1: completion of 20 tokens is longer than the context"),
     ([], "t.jsonl: file is empty"),
 ])

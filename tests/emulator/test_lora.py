@@ -7,8 +7,8 @@ from emulator.arch import arch_for
 from emulator.lora import (
     AdapterMismatchError,
     LoraSettings,
-    add_lora,
     adapter_state_dict,
+    add_lora,
     load_adapter_state,
     load_into_segments,
     lora_parameters,

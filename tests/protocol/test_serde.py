@@ -1,0 +1,54 @@
+"""Every domain type survives to_proto -> bytes -> from_proto unchanged."""
+
+import pytest
+
+from protocol import edgetune_pb2 as pb
+from protocol import serde
+from protocol.types import (
+    AdapterList,
+    AdapterMeta,
+    AdapterUpload,
+    CloudMessage,
+    EdgeMessage,
+    FileChunk,
+    ModelInfo,
+    OpenSessionRequest,
+    Phase,
+    SessionInfo,
+    TensorChunk,
+)
+
+CHUNK = TensorChunk("hidden", "bfloat16", (2, 3, 4), 48, 0, b"\x01" * 48)
+FILE = FileChunk("adapter_config.json", 3, 0, b"{}\n", "ab" * 32)
+META = AdapterMeta(mode="split", base_model="smollm2-135m", session_id="se-1", adapter_id="ad-1", owner="alice",
+                   created="2026-12-01T00:00:00+00:00", size_bytes=10, metrics_json='{"a": 1}')
+INFO = ModelInfo("m", "llama", 30, 576, 2, "abc", 123)
+
+CASES = [
+    (CHUNK, serde.tensor_chunk_to_proto, serde.tensor_chunk_from_proto, pb.TensorChunk),
+    (FILE, serde.file_chunk_to_proto, serde.file_chunk_from_proto, pb.FileChunk),
+    (INFO, serde.model_info_to_proto, serde.model_info_from_proto, pb.ModelInfo),
+    (OpenSessionRequest("split", 3), serde.open_session_to_proto, serde.open_session_from_proto, pb.OpenSessionRequest),
+    (SessionInfo("se-1", INFO), serde.session_info_to_proto, serde.session_info_from_proto, pb.SessionInfo),
+    (EdgeMessage("se-1", 7, Phase.BACKWARD, CHUNK), serde.edge_message_to_proto, serde.edge_message_from_proto,
+     pb.EdgeMessage),
+    (EdgeMessage("se-1", 7, Phase.FORWARD_EVAL), serde.edge_message_to_proto, serde.edge_message_from_proto,
+     pb.EdgeMessage),
+    (CloudMessage(7, Phase.GRADIENT, CHUNK, 0.25), serde.cloud_message_to_proto, serde.cloud_message_from_proto,
+     pb.CloudMessage),
+    (META, serde.adapter_meta_to_proto, serde.adapter_meta_from_proto, pb.AdapterMeta),
+    (AdapterUpload(meta=META), serde.adapter_upload_to_proto, serde.adapter_upload_from_proto, pb.AdapterUpload),
+    (AdapterUpload(file=FILE), serde.adapter_upload_to_proto, serde.adapter_upload_from_proto, pb.AdapterUpload),
+    (AdapterList([META, META]), serde.adapter_list_to_proto, serde.adapter_list_from_proto, pb.ListAdaptersReply),
+]
+
+
+@pytest.mark.parametrize("value, to_proto, from_proto, message", CASES, ids=lambda c: type(c).__name__)
+def test_round_trip(value, to_proto, from_proto, message):
+    wire = to_proto(value).SerializeToString()
+    assert from_proto(message.FromString(wire)) == value
+
+
+def test_unknown_phase_is_a_wire_format_error():
+    with pytest.raises(serde.WireFormatError, match="unknown phase 9"):
+        serde.edge_message_from_proto(pb.EdgeMessage(session_id="s", phase=9))
