@@ -16,12 +16,20 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKWARD: _ClassVar[Phase]
     ACTIVATION: _ClassVar[Phase]
     GRADIENT: _ClassVar[Phase]
+    SITE_INPUT: _ClassVar[Phase]
+    SITE_OUTPUT: _ClassVar[Phase]
+    SITE_GRAD_OUTPUT: _ClassVar[Phase]
+    SITE_GRAD_INPUT: _ClassVar[Phase]
 PHASE_UNSPECIFIED: Phase
 FORWARD_TRAIN: Phase
 FORWARD_EVAL: Phase
 BACKWARD: Phase
 ACTIVATION: Phase
 GRADIENT: Phase
+SITE_INPUT: Phase
+SITE_OUTPUT: Phase
+SITE_GRAD_OUTPUT: Phase
+SITE_GRAD_INPUT: Phase
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data")
@@ -72,20 +80,24 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., edge_layers: _Optional[int] = ..., bundle_id: _Optional[str] = ..., bundle_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("mode", "edge_layers")
+    __slots__ = ("mode", "edge_layers", "lora_targets")
     MODE_FIELD_NUMBER: _ClassVar[int]
     EDGE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     edge_layers: int
-    def __init__(self, mode: _Optional[str] = ..., edge_layers: _Optional[int] = ...) -> None: ...
+    lora_targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[str] = ..., edge_layers: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model")
+    __slots__ = ("session_id", "model", "remote_sites")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_SITES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelInfo
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+    remote_sites: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., remote_sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchBundleRequest(_message.Message):
     __slots__ = ("bundle_id",)
@@ -94,28 +106,34 @@ class FetchBundleRequest(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("session_id", "step", "phase", "tensor")
+    __slots__ = ("session_id", "step", "phase", "tensor", "site_group", "active_sites")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SITE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SITES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     phase: Phase
     tensor: TensorChunk
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    site_group: int
+    active_sites: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., site_group: _Optional[int] = ..., active_sites: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("step", "phase", "tensor", "compute_s")
+    __slots__ = ("step", "phase", "tensor", "compute_s", "site_group")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    SITE_GROUP_FIELD_NUMBER: _ClassVar[int]
     step: int
     phase: Phase
     tensor: TensorChunk
     compute_s: float
-    def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    site_group: int
+    def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ..., site_group: _Optional[int] = ...) -> None: ...
 
 class AdapterMeta(_message.Message):
     __slots__ = ("adapter_id", "owner", "mode", "base_model", "session_id", "created", "size_bytes", "metrics_json")

@@ -55,19 +55,21 @@ def model_info_from_proto(m: pb.ModelInfo) -> ModelInfo:
 
 
 def open_session_to_proto(r: OpenSessionRequest) -> pb.OpenSessionRequest:
-    return pb.OpenSessionRequest(mode=r.mode, edge_layers=r.edge_layers)
+    return pb.OpenSessionRequest(mode=r.mode, edge_layers=r.edge_layers, lora_targets=list(r.lora_targets))
 
 
 def open_session_from_proto(m: pb.OpenSessionRequest) -> OpenSessionRequest:
-    return OpenSessionRequest(mode=m.mode, edge_layers=m.edge_layers)
+    return OpenSessionRequest(mode=m.mode, edge_layers=m.edge_layers, lora_targets=tuple(m.lora_targets))
 
 
 def session_info_to_proto(s: SessionInfo) -> pb.SessionInfo:
-    return pb.SessionInfo(session_id=s.session_id, model=model_info_to_proto(s.model))
+    return pb.SessionInfo(session_id=s.session_id, model=model_info_to_proto(s.model),
+                          remote_sites=list(s.remote_sites))
 
 
 def session_info_from_proto(m: pb.SessionInfo) -> SessionInfo:
-    return SessionInfo(session_id=m.session_id, model=model_info_from_proto(m.model))
+    return SessionInfo(session_id=m.session_id, model=model_info_from_proto(m.model),
+                       remote_sites=tuple(m.remote_sites))
 
 
 def _phase_from_proto(value: int) -> Phase:
@@ -78,7 +80,8 @@ def _phase_from_proto(value: int) -> Phase:
 
 
 def edge_message_to_proto(e: EdgeMessage) -> pb.EdgeMessage:
-    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=int(e.phase))
+    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=int(e.phase), site_group=e.site_group,
+                         active_sites=list(e.active_sites))
     if e.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(e.tensor))
     return msg
@@ -86,11 +89,12 @@ def edge_message_to_proto(e: EdgeMessage) -> pb.EdgeMessage:
 
 def edge_message_from_proto(m: pb.EdgeMessage) -> EdgeMessage:
     tensor = tensor_chunk_from_proto(m.tensor) if m.HasField("tensor") else None
-    return EdgeMessage(session_id=m.session_id, step=m.step, phase=_phase_from_proto(m.phase), tensor=tensor)
+    return EdgeMessage(session_id=m.session_id, step=m.step, phase=_phase_from_proto(m.phase), tensor=tensor,
+                       site_group=m.site_group, active_sites=tuple(m.active_sites))
 
 
 def cloud_message_to_proto(c: CloudMessage) -> pb.CloudMessage:
-    msg = pb.CloudMessage(step=c.step, phase=int(c.phase), compute_s=c.compute_s)
+    msg = pb.CloudMessage(step=c.step, phase=int(c.phase), compute_s=c.compute_s, site_group=c.site_group)
     if c.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(c.tensor))
     return msg
@@ -98,7 +102,8 @@ def cloud_message_to_proto(c: CloudMessage) -> pb.CloudMessage:
 
 def cloud_message_from_proto(m: pb.CloudMessage) -> CloudMessage:
     tensor = tensor_chunk_from_proto(m.tensor) if m.HasField("tensor") else None
-    return CloudMessage(step=m.step, phase=_phase_from_proto(m.phase), tensor=tensor, compute_s=m.compute_s)
+    return CloudMessage(step=m.step, phase=_phase_from_proto(m.phase), tensor=tensor, compute_s=m.compute_s,
+                        site_group=m.site_group)
 
 
 def adapter_meta_to_proto(a: AdapterMeta) -> pb.AdapterMeta:

@@ -2,11 +2,16 @@
 
 A tensor crosses the wire as raw little-endian bytes in a wire dtype, cut into chunks of at most
 ``CHUNK_BYTES`` so that no single gRPC message approaches the message-size limit.
+
+``int8`` is a codec rather than a cast: per row of the last dimension (one token's hidden vector)
+it sends one float32 scale ``absmax / 127`` followed by the rounded int8 values, so every element
+comes back within ``absmax_row / 254`` of what was sent (see docs/dlora.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,18 +26,54 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,  # with one float32 scale per row, see the module docstring
 }
+WIRE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SCALE_BYTES = 4  # one float32 scale per int8 row
+
+
+def wire_dtype_name(name: str) -> str:
+    """The canonical wire dtype for a short (``fp32``, ``bf16``, ``fp16``) or long name."""
+    canonical = WIRE_ALIASES.get(name, name)
+    if canonical not in WIRE_DTYPES:
+        known = ", ".join([*WIRE_ALIASES, *WIRE_DTYPES])
+        raise WireFormatError(f"unknown wire dtype {name!r} (known: {known})")
+    return canonical
 
 
 def element_size(dtype_name: str) -> int:
-    """Bytes per element of a wire dtype."""
+    """Bytes per element of a wire dtype (int8: 1, scales excluded; see :func:`wire_nbytes`)."""
     return torch.empty((), dtype=_dtype(dtype_name)).element_size()
+
+
+def wire_nbytes(dtype_name: str, shape: Iterable[int]) -> int:
+    """Payload bytes of a tensor of ``shape`` in a wire dtype, int8 scales included."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if _dtype(dtype_name) is not torch.int8:
+        return numel * element_size(dtype_name)
+    return numel + _rows(shape) * SCALE_BYTES
+
+
+def encode_tensor(tensor: torch.Tensor, wire_dtype: str) -> bytes:
+    """The wire bytes of ``tensor`` in ``wire_dtype`` (little-endian, row-major)."""
+    tensor = tensor.detach()
+    if tensor.numel() == 0:
+        return b""
+    if _dtype(wire_dtype) is not torch.int8:
+        return _raw(tensor.to(_dtype(wire_dtype)))
+    rows = tensor.float().reshape(_rows(tuple(tensor.shape)), -1)
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = (rows / safe).round().clamp(-127, 127).to(torch.int8)
+    return _raw(scale) + _raw(quantized)
 
 
 def tensor_chunks(name: str, tensor: torch.Tensor, wire_dtype: str = "float32",
                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
     """Cuts ``tensor`` (any shape) into chunks of its bytes in ``wire_dtype``."""
-    data = tensor.detach().to(_dtype(wire_dtype)).contiguous().view(torch.uint8).numpy().tobytes()
+    wire_dtype = wire_dtype_name(wire_dtype)
+    data = encode_tensor(tensor, wire_dtype)
     shape = tuple(tensor.shape)
     total = len(data)
     for offset in range(0, max(total, 1), chunk_bytes):
@@ -81,15 +122,17 @@ def tensor_from_bytes(dtype_name: str, shape: Iterable[int], data: bytes) -> tor
     dtype, shape = _dtype(dtype_name), tuple(shape)
     if any(d < 0 for d in shape):
         raise WireFormatError(f"negative dimension in shape {shape}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * element_size(dtype_name)
+    expected = wire_nbytes(dtype_name, shape)
     if len(data) != expected:
         raise WireFormatError(f"{len(data)} bytes do not fill shape {shape} of {dtype_name} ({expected})")
-    if numel == 0:
+    if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=torch.float32)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).to(torch.float32)
+    if dtype is not torch.int8:
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).to(torch.float32)
+    n_scales = _rows(shape) * SCALE_BYTES
+    scale = torch.frombuffer(bytearray(data[:n_scales]), dtype=torch.float32).reshape(-1, 1)
+    values = torch.frombuffer(bytearray(data[n_scales:]), dtype=torch.int8).reshape(scale.shape[0], -1)
+    return (values.to(torch.float32) * scale).reshape(shape)
 
 
 def file_chunks(path: Path, name: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[FileChunk]:
@@ -137,3 +180,12 @@ def _dtype(name: str) -> torch.dtype:
         return WIRE_DTYPES[name]
     except KeyError:
         raise WireFormatError(f"unknown wire dtype {name!r} (known: {', '.join(WIRE_DTYPES)})") from None
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of the int8 codec: one per vector along the last dimension (a scalar is one row)."""
+    return math.prod(shape[:-1]) if shape and shape[-1] else (1 if not shape else 0)
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

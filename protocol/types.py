@@ -17,6 +17,10 @@ class Phase(IntEnum):
     BACKWARD = 3
     ACTIVATION = 4
     GRADIENT = 5
+    SITE_INPUT = 6  # dlora: cloud -> edge, input of one block's active LoRA sites
+    SITE_OUTPUT = 7  # dlora: edge -> cloud, their LoRA outputs (concatenated)
+    SITE_GRAD_OUTPUT = 8  # dlora: cloud -> edge, gradient w.r.t. those outputs
+    SITE_GRAD_INPUT = 9  # dlora: edge -> cloud, gradient w.r.t. the sites' input
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,14 @@ class ModelInfo:
 class OpenSessionRequest:
     mode: str
     edge_layers: int = 0  # 0: the server's default
+    lora_targets: tuple[str, ...] = ()  # dlora: projection names; empty: the family's default
 
 
 @dataclass(frozen=True)
 class SessionInfo:
     session_id: str
     model: ModelInfo
+    remote_sites: tuple[str, ...] = ()  # dlora: cloud-held LoRA sites, indexed by ``active_sites``
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class EdgeMessage:
     step: int
     phase: Phase
     tensor: TensorChunk | None = None
+    site_group: int = 0  # SITE_OUTPUT / SITE_GRAD_INPUT: the group answered
+    active_sites: tuple[int, ...] = ()  # FORWARD_* in dlora: indices into ``SessionInfo.remote_sites``
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class CloudMessage:
     phase: Phase
     tensor: TensorChunk | None = None
     compute_s: float = 0.0
+    site_group: int = 0  # SITE_INPUT / SITE_GRAD_OUTPUT: the group asking
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,16 @@ CASES = [
     (INFO, serde.model_info_to_proto, serde.model_info_from_proto, pb.ModelInfo),
     (OpenSessionRequest("split", 3), serde.open_session_to_proto, serde.open_session_from_proto, pb.OpenSessionRequest),
     (SessionInfo("se-1", INFO), serde.session_info_to_proto, serde.session_info_from_proto, pb.SessionInfo),
+    (OpenSessionRequest("dlora", 2, ("q_proj", "v_proj")), serde.open_session_to_proto,
+     serde.open_session_from_proto, pb.OpenSessionRequest),
+    (SessionInfo("se-2", INFO, ("model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj")),
+     serde.session_info_to_proto, serde.session_info_from_proto, pb.SessionInfo),
+    (EdgeMessage("se-1", 8, Phase.FORWARD_TRAIN, CHUNK, active_sites=(0, 3, 5)), serde.edge_message_to_proto,
+     serde.edge_message_from_proto, pb.EdgeMessage),
+    (EdgeMessage("se-1", 8, Phase.SITE_GRAD_INPUT, CHUNK, site_group=4), serde.edge_message_to_proto,
+     serde.edge_message_from_proto, pb.EdgeMessage),
+    (CloudMessage(8, Phase.SITE_INPUT, CHUNK, 0.0, site_group=11), serde.cloud_message_to_proto,
+     serde.cloud_message_from_proto, pb.CloudMessage),
     (EdgeMessage("se-1", 7, Phase.BACKWARD, CHUNK), serde.edge_message_to_proto, serde.edge_message_from_proto,
      pb.EdgeMessage),
     (EdgeMessage("se-1", 7, Phase.FORWARD_EVAL), serde.edge_message_to_proto, serde.edge_message_from_proto,
@@ -50,5 +60,5 @@ def test_round_trip(value, to_proto, from_proto, message):
 
 
 def test_unknown_phase_is_a_wire_format_error():
-    with pytest.raises(serde.WireFormatError, match="unknown phase 9"):
-        serde.edge_message_from_proto(pb.EdgeMessage(session_id="s", phase=9))
+    with pytest.raises(serde.WireFormatError, match="unknown phase 99"):
+        serde.edge_message_from_proto(pb.EdgeMessage(session_id="s", phase=99))
