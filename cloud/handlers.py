@@ -16,12 +16,15 @@ import torch
 from transformers import PreTrainedModel
 
 from cloud.backbone import LocalBackbone
+from cloud.conversation import Answer, Callout, CalloutFn, Conversation, Finished
+from cloud.dlora import DloraBackbone, EdgeSiteExchange
 from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
 from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
 from cloud.sessions import Session, SessionManager
-from emulator.arch import hidden_size
+from emulator.arch import arch_for, hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
-from emulator.segments import SplitError, extract_middle, plan_for
+from emulator.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
+from emulator.segments import SplitError, SplitPlan, extract_middle, plan_for
 from protocol.serde import WireFormatError
 from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
@@ -37,7 +40,7 @@ from protocol.types import (
     SessionInfo,
 )
 
-MODES = ("split",)
+MODES = ("split", "dlora")
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
 
 
@@ -94,8 +97,25 @@ class Coordinator:
             raise InvalidArgument(f"mode {request.mode!r} is not served here (served: {', '.join(MODES)})")
         backend = self.backend(request.edge_layers or self.default_edge_layers)
         plan = plan_for(self.model.config, backend.info.edge_layers)
+        if request.mode == "dlora":
+            groups = self._remote_sites(plan, request.lora_targets)
+            names = tuple(site.name for site in flatten(groups))
+            runner = DloraBackbone(backend.runner.segment, groups)
+            session = self.sessions.open(owner, request.mode, plan, runner, names)
+            return SessionInfo(session.session_id, backend.info, names)
         session = self.sessions.open(owner, request.mode, plan, backend.runner)
         return SessionInfo(session.session_id, backend.info)
+
+    def _remote_sites(self, plan: SplitPlan, targets: tuple[str, ...]) -> list[SiteGroup]:
+        spec = arch_for(self.model.config)
+        unknown = sorted(set(targets) - set(spec.all_linear))
+        if unknown:
+            raise InvalidArgument(f"LoRA targets {unknown} are not projections of {self.model.config.model_type} "
+                                  f"blocks (choose from {', '.join(spec.all_linear)})")
+        try:
+            return plan_remote_sites(self.model, plan, targets or spec.lora_targets)
+        except RemoteSiteError as err:
+            raise InvalidArgument(str(err)) from None
 
     def fetch_bundle(self, owner: str, wanted: str) -> Iterator[FileChunk]:
         """Streams the bundle files; any authenticated client may fetch a bundle."""
@@ -107,51 +127,86 @@ class Coordinator:
         raise NotFound(f"no bundle {wanted!r}; open a session to learn the current bundle id")
 
     def train(self, owner: str, messages: Iterable[EdgeMessage]) -> Iterator[CloudMessage]:
-        """Serves one training stream: forward and backward through the middle, step by step."""
+        """Serves one training stream: forward and backward through the middle, step by step.
+
+        In dlora mode a step's forward and backward call out to the edge for every active site group
+        (``SITE_INPUT`` -> ``SITE_OUTPUT``, ``SITE_GRAD_OUTPUT`` -> ``SITE_GRAD_INPUT``) before the
+        step's reply; the compute runs in a :class:`Conversation` worker so it can wait mid-forward.
+        """
         session: Session | None = None
         assembler = TensorAssembler(self.max_tensor_bytes)
-        for message in messages:
-            if session is None:
-                session = self.sessions.get(owner, message.session_id)
-            elif message.session_id != session.session_id:
-                raise InvalidArgument("a training stream serves one session; open a new stream")
-            if message.tensor is None:
-                raise InvalidArgument(f"step {message.step}: message carries no tensor")
-            try:
-                tensor = assembler.feed(message.tensor)
-            except WireFormatError as err:
-                raise InvalidArgument(f"step {message.step}: {err}") from None
-            if tensor is not None:
-                yield from self._step(session, message, tensor)
+        conversation, head = Conversation(), None
+        try:
+            for message in messages:
+                if session is None:
+                    session = self.sessions.get(owner, message.session_id)
+                elif message.session_id != session.session_id:
+                    raise InvalidArgument("a training stream serves one session; open a new stream")
+                if message.tensor is None:
+                    raise InvalidArgument(f"step {message.step}: message carries no tensor")
+                head = message if message.tensor.offset == 0 else head
+                try:
+                    tensor = assembler.feed(message.tensor)
+                except WireFormatError as err:
+                    raise InvalidArgument(f"step {message.step}: {err}") from None
+                if tensor is not None:
+                    assert head is not None
+                    yield from self._reply(head, self._advance(session, conversation, head, tensor))
+        finally:
+            conversation.close()
 
-    def _step(self, session: Session, message: EdgeMessage, tensor: torch.Tensor) -> Iterator[CloudMessage]:
-        assert message.tensor is not None
-        wire_dtype = message.tensor.dtype
-        with session.lock:
-            if message.phase in (Phase.FORWARD_TRAIN, Phase.FORWARD_EVAL):
-                self._check_hidden(tensor, message.step)
-                train = message.phase is Phase.FORWARD_TRAIN
-                out, pending, compute_s = session.runner.forward(tensor, keep_graph=train)
-                session.pending_step, session.pending = (message.step, pending) if train else (None, None)
-                reply_phase, name = Phase.ACTIVATION, "hidden_up"
-            elif message.phase is Phase.BACKWARD:
-                if session.pending is None or session.pending_step != message.step:
-                    raise FailedPrecondition(f"backward for step {message.step} without its training forward")
-                if tuple(tensor.shape) != tuple(session.pending.outputs.shape):
-                    raise InvalidArgument(f"step {message.step}: gradient shape {tuple(tensor.shape)} does not "
-                                          f"match the activation {tuple(session.pending.outputs.shape)}")
-                self._check_finite(tensor, message.step)
-                out, compute_s = session.runner.backward(session.pending, tensor)
-                session.pending_step, session.pending = None, None
-                session.steps += 1
-                reply_phase, name = Phase.GRADIENT, "grad_down"
-            else:
-                raise InvalidArgument(f"phase {message.phase.name} is not sent by an edge")
-            session.compute_s += compute_s
-        chunks = list(tensor_chunks(name, out, wire_dtype))
+    def _advance(self, session: Session, conversation: Conversation, head: EdgeMessage,
+                 tensor: torch.Tensor) -> Callout | Finished:
+        """Starts a step's job, or hands the edge's site answer to the waiting one."""
+        if head.phase in (Phase.SITE_OUTPUT, Phase.SITE_GRAD_INPUT):
+            return conversation.answer(Answer(head.phase, head.site_group, tensor))
+        if head.phase not in (Phase.FORWARD_TRAIN, Phase.FORWARD_EVAL, Phase.BACKWARD):
+            raise InvalidArgument(f"phase {head.phase.name} is not sent by an edge")
+        outgoing = conversation.start(lambda callout: self._step(session, head, tensor, callout))
+        if isinstance(outgoing, Finished):
+            session.compute_s += outgoing.compute_s
+        return outgoing
+
+    def _reply(self, head: EdgeMessage, outgoing: Callout | Finished) -> Iterator[CloudMessage]:
+        assert head.tensor is not None
+        if isinstance(outgoing, Callout):
+            name, compute_s, phase, group = "site", 0.0, outgoing.phase, outgoing.site_group
+        else:
+            name, compute_s, phase, group = outgoing.name, outgoing.compute_s, outgoing.phase, 0
+        chunks = list(tensor_chunks(name, outgoing.tensor, head.tensor.dtype))
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            yield CloudMessage(message.step, reply_phase, chunk, compute_s if last else 0.0)
+            yield CloudMessage(head.step, phase, chunk, compute_s if last else 0.0, group)
+
+    def _step(self, session: Session, head: EdgeMessage, tensor: torch.Tensor,
+              callout: CalloutFn) -> tuple[Phase, str, torch.Tensor]:
+        """One step's compute (in the conversation's worker thread): returns the reply to the edge."""
+        with session.lock:
+            if head.phase is Phase.BACKWARD:
+                return Phase.GRADIENT, "grad_down", self._backward(session, head.step, tensor)
+            self._check_hidden(tensor, head.step)
+            train = head.phase is Phase.FORWARD_TRAIN
+            runner = session.runner
+            if isinstance(runner, DloraBackbone):
+                active = runner.check_active(head.active_sites, head.step)
+                out, pending, _ = runner.forward(tensor, train, active, EdgeSiteExchange(callout, head.step))
+            else:
+                out, pending, _ = runner.forward(tensor, keep_graph=train)
+            session.pending_step, session.pending = (head.step, pending) if train else (None, None)
+            return Phase.ACTIVATION, "hidden_up", out
+
+    def _backward(self, session: Session, step: int, grad: torch.Tensor) -> torch.Tensor:
+        pending = session.pending
+        if pending is None or session.pending_step != step:
+            raise FailedPrecondition(f"backward for step {step} without its training forward")
+        if tuple(grad.shape) != tuple(pending.outputs.shape):
+            raise InvalidArgument(f"step {step}: gradient shape {tuple(grad.shape)} does not "
+                                  f"match the activation {tuple(pending.outputs.shape)}")
+        self._check_finite(grad, step)
+        session.pending_step, session.pending = None, None
+        out, _ = session.runner.backward(pending, grad)
+        session.steps += 1
+        return out
 
     def _check_hidden(self, tensor: torch.Tensor, step: int) -> None:
         hidden = hidden_size(self.model.config)

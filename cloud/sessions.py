@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from cloud.backbone import BackboneRunner, PendingBackward
+from cloud.dlora import DloraBackbone
 from cloud.errors import NotFound
 from emulator.segments import SplitPlan
 
@@ -20,13 +21,14 @@ class Session:
     owner: str
     mode: str
     plan: SplitPlan
-    runner: BackboneRunner
+    runner: BackboneRunner | DloraBackbone
     created: float = field(default_factory=time.time)
     pending_step: int | None = None
     pending: PendingBackward | None = None
     steps: int = 0
     compute_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    remote_sites: tuple[str, ...] = ()  # dlora: full-model names of the cloud-held LoRA sites
 
 
 class SessionManager:
@@ -36,8 +38,9 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner) -> Session:
-        session = Session("se-" + uuid.uuid4().hex[:16], owner, mode, plan, runner)
+    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner | DloraBackbone,
+             remote_sites: tuple[str, ...] = ()) -> Session:
+        session = Session("se-" + uuid.uuid4().hex[:16], owner, mode, plan, runner, remote_sites=remote_sites)
         with self._lock:
             self._sessions[session.session_id] = session
         return session

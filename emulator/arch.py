@@ -38,6 +38,8 @@ class ArchSpec:
         all_linear: every linear projection inside a block, for ``--lora-targets all``.
         block_takes_position_ids: whether blocks accept ``position_ids``.
         lora_fan_in_fan_out: PEFT's ``fan_in_fan_out`` for this family's projections.
+        lora_shared_inputs: groups of sibling projections a block calls on the very same tensor
+            (LLaMA's q/k/v on the normed hidden state); dlora sends that tensor once per group.
     """
 
     blocks: str
@@ -53,6 +55,7 @@ class ArchSpec:
     embed_dropout: str | None = None
     block_takes_position_ids: bool = False
     lora_fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
+    lora_shared_inputs: tuple[tuple[str, ...], ...] = ()
 
 
 _LLAMA = ArchSpec(
@@ -65,6 +68,7 @@ _LLAMA = ArchSpec(
     lora_targets=("q_proj", "v_proj"),
     all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     block_takes_position_ids=True,
+    lora_shared_inputs=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -95,6 +99,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lora_targets=("q_proj", "v_proj"),
         all_linear=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         block_takes_position_ids=True,
+        lora_shared_inputs=(("q_proj", "k_proj", "v_proj"),),
     ),
 }
 

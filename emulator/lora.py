@@ -85,13 +85,15 @@ def adapter_state_dict(model: nn.Module, spec: ArchSpec) -> dict[str, torch.Tens
     return state
 
 
-def peft_config(model: nn.Module, settings: LoraSettings, spec: ArchSpec, base_model: str) -> LoraConfig:
+def peft_config(model: nn.Module, settings: LoraSettings, spec: ArchSpec, base_model: str,
+                extra_targets: Sequence[str] = ()) -> LoraConfig:
     """The PEFT config of a LoRA-injected segment model.
 
-    ``target_modules`` lists the full-model names of exactly the adapted projections.
+    ``target_modules`` lists the full-model names of exactly the adapted projections, plus
+    ``extra_targets`` (full-model names adapted elsewhere, e.g. dlora's cloud-held sites).
     """
     targets = sorted({full_model_name(n.rpartition(".lora_")[0] + ".", spec).rstrip(".")
-                      for n in lora_parameters(model)})
+                      for n in lora_parameters(model)} | set(extra_targets))
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM",
                       fan_in_fan_out=spec.lora_fan_in_fan_out,
