@@ -53,8 +53,8 @@ class CloudClient:
     def __post_init__(self) -> None:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
-    def open_session(self, mode: str, edge_layers: int = 0) -> SessionInfo:
-        request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers))
+    def open_session(self, mode: str, edge_layers: int = 0, lora_targets: tuple[str, ...] = ()) -> SessionInfo:
+        request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers, lora_targets))
         reply = _call("OpenSession", lambda: self.stub.OpenSession(request, timeout=600))
         return serde.session_info_from_proto(reply)
 
@@ -106,6 +106,16 @@ class CloudClient:
 _END = object()
 
 
+@dataclass(frozen=True)
+class CloudReply:
+    """One complete tensor from the cloud on the training stream."""
+
+    phase: Phase
+    tensor: torch.Tensor
+    compute_s: float
+    site_group: int = 0
+
+
 class TrainStream:
     """One long-lived bidirectional stream for a session's training and evaluation steps."""
 
@@ -117,10 +127,23 @@ class TrainStream:
     def exchange(self, step: int, phase: Phase, tensor: torch.Tensor, traffic: Traffic,
                  wire_dtype: str = "float32") -> tuple[torch.Tensor, float]:
         """Sends one tensor and waits for the reply tensor; returns it and the cloud's compute seconds."""
-        for chunk in tensor_chunks("hidden" if phase is not Phase.BACKWARD else "grad", tensor, wire_dtype):
-            message = serde.edge_message_to_proto(EdgeMessage(self.session_id, step, phase, chunk))
+        self.send(step, phase, tensor, traffic, wire_dtype)
+        reply = self.receive(step, traffic)
+        traffic.round_trips += 1
+        return reply.tensor, reply.compute_s
+
+    def send(self, step: int, phase: Phase, tensor: torch.Tensor, traffic: Traffic, wire_dtype: str = "float32",
+             site_group: int = 0, active_sites: tuple[int, ...] = ()) -> None:
+        """Sends one tensor in chunks; ``active_sites`` rides on the first chunk only."""
+        name = "grad" if phase in (Phase.BACKWARD, Phase.SITE_GRAD_INPUT) else "hidden"
+        for i, chunk in enumerate(tensor_chunks(name, tensor, wire_dtype)):
+            edge_message = EdgeMessage(self.session_id, step, phase, chunk, site_group, active_sites if i == 0 else ())
+            message = serde.edge_message_to_proto(edge_message)
             traffic.sent(message.ByteSize(), len(chunk.data))
             self._requests.put(message)
+
+    def receive(self, step: int, traffic: Traffic) -> CloudReply:
+        """Waits for the cloud's next complete tensor of ``step`` (a step reply or a site call-out)."""
         assembler, compute_s = TensorAssembler(), 0.0
         try:
             for reply in self._responses:
@@ -131,8 +154,7 @@ class TrainStream:
                     raise RuntimeError(f"cloud answered step {message.step}, expected {step}")
                 result = assembler.feed(message.tensor)
                 if result is not None:
-                    traffic.round_trips += 1
-                    return result, compute_s
+                    return CloudReply(message.phase, result, compute_s, message.site_group)
         except grpc.RpcError as err:
             raise CloudCallError.from_rpc("Train", err) from None
         raise CloudCallError("Train: the cloud closed the stream mid-step; is the coordinator running?")
