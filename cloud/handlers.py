@@ -108,12 +108,13 @@ class Coordinator:
 
     def _remote_sites(self, plan: SplitPlan, targets: tuple[str, ...]) -> list[SiteGroup]:
         spec = arch_for(self.model.config)
+        targets = spec.all_linear if targets == ("all",) else (targets or spec.lora_targets)
         unknown = sorted(set(targets) - set(spec.all_linear))
         if unknown:
             raise InvalidArgument(f"LoRA targets {unknown} are not projections of {self.model.config.model_type} "
                                   f"blocks (choose from {', '.join(spec.all_linear)})")
         try:
-            return plan_remote_sites(self.model, plan, targets or spec.lora_targets)
+            return plan_remote_sites(self.model, plan, targets)
         except RemoteSiteError as err:
             raise InvalidArgument(str(err)) from None
 

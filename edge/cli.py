@@ -11,11 +11,22 @@ import torch
 
 from edge.client import CloudCallError, CloudClient
 from edge.data import DataError, load_eval, parse_eval
-from edge.train import ConfigError, TrainConfig, evaluate, open_edge_session, train
+from edge.dlora import load_dlora_adapter
+from edge.kill_revive import KillReviveConfig
+from edge.train import (
+    MODES,
+    WIRE_CHOICES,
+    ConfigError,
+    EdgeSession,
+    TrainConfig,
+    dlora_link,
+    evaluate,
+    open_edge_session,
+    train,
+)
 from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, load_into_segments
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
-from protocol.tensors import WIRE_DTYPES
 
 USER_ERRORS = (ConfigError, DataError, CredentialError, CloudCallError, FileNotFoundError, AdapterMismatchError)
 
@@ -34,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, help="training JSONL (prompt/completion or text)")
     t.add_argument("--eval", type=Path, help="evaluation JSONL (prompt/choices/answer)")
     t.add_argument("--out", type=Path, required=True, help="run directory (adapter/, metrics.json)")
-    t.add_argument("--mode", default="split", choices=["split"])
+    t.add_argument("--mode", default="split", choices=list(MODES),
+                   help="split: LoRA on the edge-held blocks; dlora: LoRA on every block, all kept on the edge")
     t.add_argument("--steps", type=int, default=d["steps"].default)
     t.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     t.add_argument("--seq-len", type=int, default=d["seq_len"].default)
@@ -46,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-rank", type=int, default=LoraSettings.rank)
     t.add_argument("--lora-alpha", type=int, default=LoraSettings.alpha)
     t.add_argument("--lora-targets", default="", help="comma-separated projections, 'all', or '' for defaults")
-    t.add_argument("--wire-dtype", default="float32", choices=list(WIRE_DTYPES))
+    t.add_argument("--wire-dtype", default=d["wire_dtype"].default, choices=list(WIRE_CHOICES),
+                   help="dtype of every tensor crossing the wire (int8: per-token absmax scaling)")
+    t.add_argument("--kr-budget", type=float, default=KillReviveConfig.budget,
+                   help="dlora Kill-and-Revive: fraction of LoRA modules kept active (1.0: all, KR off)")
+    t.add_argument("--kr-probe-every", type=int, default=KillReviveConfig.probe_every,
+                   help="a probe step computing every module every N steps (revives modules that matter again)")
+    t.add_argument("--kr-ema", type=float, default=KillReviveConfig.ema, help="moving-average factor of the score")
+    t.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
     t.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -54,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection(e)
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--adapter", type=Path, help="PEFT adapter directory (default: the base model)")
+    e.add_argument("--mode", default="split", choices=list(MODES), help="dlora: an adapter trained in dlora mode")
     e.add_argument("--edge-layers", type=int, default=0)
     e.add_argument("--seq-len", type=int, default=d["seq_len"].default)
     e.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
@@ -73,7 +93,8 @@ def _train(args: argparse.Namespace) -> None:
         mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip, edge_layers=args.edge_layers,
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=args.wire_dtype,
-        eval_batch=args.eval_batch, seed=args.seed, threads=args.threads)
+        eval_batch=args.eval_batch, seed=args.seed, threads=args.threads,
+        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema), eval_before=not args.no_eval_before)
     metrics = train(cfg)
     print(f"adapter {metrics.adapter_id} registered; files in {args.out / 'adapter'}, "
           f"metrics in {args.out / 'metrics.json'}")
@@ -81,22 +102,36 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     parse_eval(args.data)
+    if args.mode == "dlora" and args.adapter is None:
+        raise ConfigError("--mode dlora evaluates a dlora adapter: pass --adapter DIR")
+    config = load_adapter_state(args.adapter)[1] if args.adapter is not None else None
+    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]})) if config else ()
     with secure_channel(args.cloud, args.identity) as channel:
-        es = open_edge_session(CloudClient(channel), args.edge_layers, "float32")
-        model = es.model
-        if args.adapter is not None:
-            state, config = load_adapter_state(args.adapter)
-            leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
-            settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
-            model = add_lora(model, settings, model.bottom.spec)
-            load_into_segments(model, state, model.bottom.spec)
+        es = open_edge_session(CloudClient(channel), args.edge_layers, "float32", args.mode, leaves)
+        model, link = _with_adapter(es, args.adapter, args.mode, leaves)
         data = load_eval(args.data, es.tokenizer, args.seq_len)
         traffic = Traffic()
         with torch.no_grad():
-            accuracy = evaluate(model, es.link, data, es.pad_id, args.eval_batch, traffic)
+            accuracy = evaluate(model, link, data, es.pad_id, args.eval_batch, traffic)
         es.link.stream.close()
     print(json.dumps({"eval_accuracy": accuracy, "eval_rows": len(data.examples),
                       "eval_bytes_sent": traffic.bytes_sent, "eval_bytes_received": traffic.bytes_received}))
+
+
+def _with_adapter(es: EdgeSession, adapter: Path | None, mode: str, leaves: tuple[str, ...]):
+    """The edge model and link for evaluation, with the adapter's weights loaded where they belong."""
+    if adapter is None:
+        return es.model, es.link
+    state, config = load_adapter_state(adapter)
+    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
+    spec = es.model.bottom.spec
+    model = add_lora(es.model, settings, spec)
+    if mode != "dlora":
+        load_into_segments(model, state, spec)
+        return model, es.link
+    link = dlora_link(es, settings, "float32")
+    load_dlora_adapter(model, link.server.bank, state, spec)
+    return model, link
 
 
 def main(argv: list[str] | None = None) -> int:

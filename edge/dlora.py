@@ -19,7 +19,6 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge.client import CloudCallError, TrainStream
-from edge.split import LocalMiddle
 from emulator.arch import ArchSpec
 from emulator.bundle import read_plan
 from emulator.lora import load_into_segments
@@ -85,6 +84,11 @@ class SiteServer:
         self._train, self._pending = train, {}
         self._current = self.active if train else self.all_sites
         return tuple(sorted(self._current))
+
+    @property
+    def training(self) -> bool:
+        """Whether the current forward is a training forward."""
+        return self._train
 
     def group(self, index: int) -> SiteGroup:
         """The group as computed now (only its current sites)."""
@@ -155,7 +159,8 @@ class DloraMiddle:
             phase, out = self.server.answer(reply.phase, reply.site_group, reply.tensor)
             self.stream.send(step, phase, out, exchange, self.wire_dtype, site_group=reply.site_group)
             exchange.round_trips += 1
-            self.ledger.record(self.server.group(reply.site_group), exchange)
+            if self.server.training:  # the ledger is per-module training traffic; evaluation is apart
+                self.ledger.record(self.server.group(reply.site_group), exchange)
             traffic.add(exchange)
 
 
@@ -175,46 +180,72 @@ class LocalDloraMiddle:
 
     def __init__(self, middle: BlockStack, server: SiteServer) -> None:
         self.middle, self.server = middle, server
-        self._local: LocalMiddle | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, step, hidden, train, traffic):
         active = frozenset(self.server.begin(train))
         stack = attach_remote_sites(self.middle, self.server.bank.groups, active, _DirectExchange(self.server))
-        self._local = LocalMiddle(stack)
-        return self._local.forward(step, hidden, train, traffic)
+        if not train:
+            with torch.no_grad():
+                return stack(hidden), 0.0
+        inputs = hidden.detach().requires_grad_(True)
+        out = stack(inputs)
+        self._pending = (inputs, out)
+        return out.detach(), 0.0
 
     def backward(self, step, grad, traffic):
-        assert self._local is not None, "backward without forward"
-        return self._local.backward(step, grad, traffic)
+        assert self._pending is not None, "backward without forward"
+        inputs, out = self._pending
+        self._pending = None
+        # backward(), not autograd.grad(): the site branches run their own backward inside this one,
+        # which FlopCounterMode's module tracking only supports under backward().
+        out.backward(grad, inputs=[inputs])
+        assert inputs.grad is not None
+        return inputs.grad, 0.0
 
 
-class DloraModules:
-    """Every LoRA module of a dlora edge by full-model name: the edge-held PEFT layers and the bank.
+def lora_step_flops(tokens: int, rank: int, in_features: int, out_features: int) -> int:
+    """FLOPs of one LoRA branch over a training step: forward ``2 T r (in + out)`` plus backward
+    twice that (weight gradients and input gradient), as ``torch.utils.flop_counter`` counts them."""
+    return 6 * tokens * rank * (in_features + out_features)
+
+
+class LoraModules:
+    """Every LoRA module of an edge by full-model name: the edge-held PEFT layers and, in dlora, the bank.
 
     The unit that Kill-and-Revive turns on and off. A module that is off contributes nothing: PEFT's
     layer returns its base output, a bank site is left out of its group's exchange (a group with no
     site left costs no exchange at all), and neither gets a gradient; the weights stay as they are.
     """
 
-    def __init__(self, model: EdgeModel, server: SiteServer, spec: ArchSpec) -> None:
+    def __init__(self, model: EdgeModel, spec: ArchSpec, server: SiteServer | None = None) -> None:
         self.server = server
         self.layers: dict[str, LoraLayer] = {
             full_model_name(name + ".", spec).rstrip("."): module
             for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-        self.sites = {site.name: site for site in server.bank.sites}
+        self.sites = {site.name: site for site in server.bank.sites} if server is not None else {}
         self.names = [*self.layers, *self.sites]
 
     def placement(self, name: str) -> str:
         return "edge" if name in self.layers else "cloud"
 
+    def dims(self, name: str) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the module's projection."""
+        if name in self.layers:
+            layer = self.layers[name]
+            return layer.in_features, layer.out_features
+        return self.sites[name].in_features, self.sites[name].out_features
+
     def set_active(self, active: frozenset[str]) -> None:
         for name, layer in self.layers.items():
             layer.enable_adapters(name in active)
-        self.server.active = frozenset(s.index for n, s in self.sites.items() if n in active)
+        if self.server is not None:
+            self.server.active = frozenset(s.index for n, s in self.sites.items() if n in active)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         if name in self.layers:
             return [p for n, p in self.layers[name].named_parameters() if "lora_" in n]
+        assert self.server is not None
         return self.server.bank.site_parameters(self.sites[name])
 
     def grad_norms(self) -> dict[str, float]:

@@ -43,6 +43,10 @@ class StepRecord:
     cloud_compute_s: float
     wall_s: float
     traffic: Traffic
+    active_modules: int = 0  # LoRA modules computed this step (all of them unless Kill-and-Revive)
+    site_exchanges: int = 0  # dlora: site round trips this step (round_trips minus the two cut crossings)
+    lora_flops: int = 0  # FLOPs of the LoRA branches computed this step (edge-held and cloud-held)
+    probe: bool = False  # a Kill-and-Revive probe step (every module computed)
 
     def as_dict(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k != "traffic"}
@@ -67,6 +71,8 @@ class RunMetrics:
     eval_rows: int = 0
     train_rows: int = 0
     truncated_rows: int = 0
+    modules: list[dict[str, Any]] = field(default_factory=list)  # per-module rows, see edge/module_report.py
+    kr_events: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         steps = self.steps
@@ -79,6 +85,10 @@ class RunMetrics:
             "loss_last": steps[-1].loss if steps else None,
             **{k: v for k, v in self.train.as_dict().items() if not k.startswith("messages")},
             "edge_flops": sum(s.edge_flops for s in steps),
+            "lora_flops": sum(s.lora_flops for s in steps),
+            "site_exchanges": sum(s.site_exchanges for s in steps),
+            "active_modules_mean": sum(s.active_modules for s in steps) / len(steps) if steps else 0.0,
+            "lora_modules": len(self.modules),
             "cloud_compute_s": sum(s.cloud_compute_s for s in steps),
             "wall_s": self.wall_s,
             "train_wall_s": sum(s.wall_s for s in steps),
@@ -92,6 +102,8 @@ class RunMetrics:
                        eval_accuracy_after=self.eval_accuracy_after, eval_rows=self.eval_rows,
                        **self.eval.as_dict("eval_"))
         out["settings"] = self.settings
+        out["per_module"] = self.modules
+        out["kr_events"] = self.kr_events
         out["per_step"] = [s.as_dict() for s in steps]
         return out
 

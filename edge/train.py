@@ -1,4 +1,4 @@
-"""The edge recipes: ``train`` (split mode) and ``evaluate``, each setup -> work -> cleanup."""
+"""The edge recipes: ``train`` (split or dlora mode) and ``evaluate``, each setup -> work -> cleanup."""
 
 from __future__ import annotations
 
@@ -14,16 +14,23 @@ from transformers import get_scheduler
 
 from edge.client import CloudClient
 from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
+from edge.dlora import DloraMiddle, LoraModules, SiteServer, plan_bank_sites
+from edge.kill_revive import KillRevive, KillReviveConfig
 from edge.metrics import FlopMeter, RunMetrics, StepRecord
+from edge.module_report import ModuleTally, module_rows, write_plot
 from edge.split import MiddleLink, RemoteMiddle, score_examples, split_step
 from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
+from emulator.lora import LoraSettings, adapter_state_dict, add_lora, peft_config, save_adapter
+from emulator.lora_bank import LoraBank
 from emulator.models import load_tokenizer
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
 from protocol.channel import secure_channel
-from protocol.tensors import WIRE_DTYPES
-from protocol.types import AdapterMeta
+from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
+from protocol.types import AdapterMeta, SessionInfo
+
+MODES = ("split", "dlora")
+WIRE_CHOICES = (*WIRE_ALIASES, *WIRE_DTYPES)
 
 
 class ConfigError(ValueError):
@@ -53,11 +60,16 @@ class TrainConfig:
     eval_batch: int = 32
     seed: int = 0
     threads: int = 0
+    kr: KillReviveConfig = field(default_factory=KillReviveConfig)
+    eval_before: bool = True
 
     def __post_init__(self) -> None:
         problems = []
-        if self.mode != "split":
-            problems.append(f"--mode {self.mode!r}: only 'split' is available")
+        if self.mode not in MODES:
+            problems.append(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        problems += self.kr.problems()
+        if self.kr.enabled and self.mode != "dlora":
+            problems.append(f"--kr-budget {self.kr.budget}: Kill-and-Revive needs --mode dlora")
         for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
                             ("--lora-rank", self.lora.rank), ("--eval-batch", self.eval_batch)):
             if value < 1:
@@ -66,8 +78,8 @@ class TrainConfig:
             problems.append(f"--seq-len {self.seq_len}: must be at least 2")
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be positive")
-        if self.wire_dtype not in WIRE_DTYPES:
-            problems.append(f"--wire-dtype {self.wire_dtype!r}: choose one of {', '.join(WIRE_DTYPES)}")
+        if WIRE_ALIASES.get(self.wire_dtype, self.wire_dtype) not in WIRE_DTYPES:
+            problems.append(f"--wire-dtype {self.wire_dtype!r}: choose one of {', '.join(WIRE_CHOICES)}")
         if not self.data.is_file():
             problems.append(f"--data {self.data}: file not found")
         if self.eval is not None and not self.eval.is_file():
@@ -88,15 +100,26 @@ class EdgeSession:
     tokenizer: object
     model_name: str
     pad_id: int
+    info: SessionInfo | None = None
+    bundle: Path | None = None
 
 
-def open_edge_session(client: CloudClient, edge_layers: int, wire_dtype: str) -> EdgeSession:
-    info = client.open_session("split", edge_layers)
+def open_edge_session(client: CloudClient, edge_layers: int, wire_dtype: str, mode: str = "split",
+                      lora_targets: tuple[str, ...] = ()) -> EdgeSession:
+    """Opens a session (dlora: for ``lora_targets``), fetches the bundle and opens the training stream."""
+    info = client.open_session(mode, edge_layers, lora_targets if mode == "dlora" else ())
     bundle = client.bundle(info)
     tokenizer = load_tokenizer(bundle)
     model = load_edge_model(bundle)
     link = RemoteMiddle(client.train_stream(info), wire_dtype)
-    return EdgeSession(client, model, link, tokenizer, info.model.model_name, tokenizer.pad_token_id)
+    return EdgeSession(client, model, link, tokenizer, info.model.model_name, tokenizer.pad_token_id, info, bundle)
+
+
+def dlora_link(es: EdgeSession, settings: LoraSettings, wire_dtype: str) -> DloraMiddle:
+    """The dlora link of a session: a LoRA bank for every cloud-held site, on the session's stream."""
+    assert es.bundle is not None and es.info is not None
+    groups = plan_bank_sites(es.bundle, settings.resolved_targets(es.model.bottom.spec), es.info.remote_sites)
+    return DloraMiddle(es.link.stream, SiteServer(LoraBank(groups, settings)), wire_dtype)
 
 
 def evaluate(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, batch: int,
@@ -125,7 +148,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
     metrics = RunMetrics(mode=cfg.mode, settings=settings)
     with secure_channel(cfg.cloud, cfg.identity) as channel:
         client = CloudClient(channel, metrics.setup)
-        es = open_edge_session(client, cfg.edge_layers, cfg.wire_dtype)
+        es = open_edge_session(client, cfg.edge_layers, cfg.wire_dtype, cfg.mode, cfg.lora.targets)
         spec = es.model.bottom.spec
         train_data = load_train(cfg.data, es.tokenizer, cfg.seq_len)
         eval_data = load_eval(cfg.eval, es.tokenizer, cfg.seq_len) if cfg.eval else None
@@ -134,45 +157,67 @@ def train(cfg: TrainConfig) -> RunMetrics:
             print(f"[edgetune] {train_data.truncated} training rows truncated to --seq-len {cfg.seq_len}")
         torch.manual_seed(cfg.seed)
         model = add_lora(es.model, cfg.lora, spec)
-        if eval_data is not None:
+        link: RemoteMiddle | DloraMiddle = dlora_link(es, cfg.lora, cfg.wire_dtype) if cfg.mode == "dlora" else es.link
+        modules = LoraModules(model, spec, link.server if isinstance(link, DloraMiddle) else None)
+        if eval_data is not None and cfg.eval_before:
             metrics.eval_rows = len(eval_data.examples)
-            metrics.eval_accuracy_before = evaluate(model, es.link, eval_data, es.pad_id, cfg.eval_batch,
+            metrics.eval_accuracy_before = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
                                                     metrics.eval, "eval before")
             print(f"[edgetune] eval accuracy before: {metrics.eval_accuracy_before:.4f}")
-        metrics.steps = _train_loop(model, es.link, train_data, es.pad_id, cfg)
+        metrics.steps, tally, kr = _train_loop(model, link, modules, train_data, es.pad_id, cfg)
         for record in metrics.steps:
             metrics.train.add(record.traffic)
+        metrics.modules = module_rows(tally, kr, link.ledger if isinstance(link, DloraMiddle) else None)
+        metrics.kr_events = [dataclasses.asdict(e) for e in kr.events]
         if eval_data is not None:
-            metrics.eval_accuracy_after = evaluate(model, es.link, eval_data, es.pad_id, cfg.eval_batch,
+            metrics.eval_rows = len(eval_data.examples)
+            metrics.eval_accuracy_after = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
                                                    metrics.eval, "eval after")
             print(f"[edgetune] eval accuracy after: {metrics.eval_accuracy_after:.4f}")
         es.link.stream.close()
         adapter_dir = cfg.out / "adapter"
-        save_adapter(adapter_dir, adapter_state_dict(model, spec), peft_config(model, cfg.lora, spec, es.model_name))
+        _save_adapter(adapter_dir, model, link, cfg.lora, es.model_name)
         metrics.wall_s = time.perf_counter() - start
-        summary = {k: v for k, v in metrics.as_dict().items() if k not in ("per_step", "settings")}
+        summary = {k: v for k, v in metrics.as_dict().items() if k not in ("per_step", "settings", "per_module")}
         meta = client.register_adapter(adapter_dir, AdapterMeta(mode=cfg.mode, base_model=es.model_name,
                                                                 session_id=es.link.stream.session_id,
                                                                 metrics_json=json.dumps(summary)))
     metrics.adapter_id = meta.adapter_id
     metrics.write(cfg.out / "metrics.json")
+    write_plot(metrics.steps, cfg.out / "metrics.png", f"{cfg.mode}: active LoRA modules and bytes per step")
     return metrics
 
 
-def _train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, cfg: TrainConfig) -> list[StepRecord]:
-    params = list(lora_parameters(model).values())
+def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings: LoraSettings,
+                  model_name: str) -> None:
+    """One PEFT adapter with every module: the segments' and, in dlora, the bank's cloud-held sites."""
+    spec = model.bottom.spec
+    state, extra = adapter_state_dict(model, spec), []
+    if isinstance(link, DloraMiddle):
+        state.update(link.server.bank.adapter_state_dict())
+        extra = [site.name for site in link.server.bank.sites]
+    save_adapter(directory, state, peft_config(model, settings, spec, model_name, extra_targets=extra))
+
+
+def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: Dataset, pad_id: int,
+                cfg: TrainConfig) -> tuple[list[StepRecord], ModuleTally, KillRevive]:
+    params = [p for name in modules.names for p in modules.parameters(name)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
     batches = train_batches(data, cfg.batch_size, pad_id, cfg.seed)
+    kr, tally = KillRevive(modules.names, cfg.kr), ModuleTally(modules, cfg.lora.rank)
     flops, records = FlopMeter(), []
     model.train()
     with tqdm(range(1, cfg.steps + 1), desc="train", unit="step") as bar:
         for step in bar:
+            plan = kr.plan(step)
+            modules.set_active(plan.active)
             input_ids, labels = next(batches)
             traffic, t0 = Traffic(), time.perf_counter()
             with flops.measure():
                 out = split_step(model, link, step, input_ids, labels, traffic)
+            kr.observe(step, plan, modules.grad_norms())
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
@@ -180,6 +225,9 @@ def _train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, 
             optimizer.zero_grad(set_to_none=True)
             wall = time.perf_counter() - t0
             tokens = int(input_ids.numel())
-            records.append(StepRecord(step, out.loss, tokens, flops.last, out.compute_s, wall, traffic))
-            bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tokens / wall:.0f}")
-    return records
+            records.append(StepRecord(step, out.loss, tokens, flops.last, out.compute_s, wall, traffic,
+                                      len(plan.active), traffic.round_trips - 2, tally.add(plan.active, tokens),
+                                      plan.probe))
+            bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tokens / wall:.0f}", active=len(plan.active))
+    modules.set_active(frozenset(modules.names))  # inference, like the saved adapter, computes every module
+    return records, tally, kr

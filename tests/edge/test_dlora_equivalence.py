@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge.dlora import DloraModules, LocalDloraMiddle, SiteServer
+from edge.dlora import LoraModules, LocalDloraMiddle, SiteServer
 from edge.split import split_step
 from emulator.arch import ArchSpec, arch_for
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
@@ -97,7 +97,7 @@ def test_dlora_step_matches_peft_step_with_every_module_active(family, targets):
 def test_killed_module_contributes_nothing_and_gets_no_gradient(family):
     s = dlora_setup(family)
     server = SiteServer(s.bank)
-    modules = DloraModules(s.edge, server, s.spec)
+    modules = LoraModules(s.edge, s.spec, server)
     cloud_site = s.bank.sites[0].name  # shares its group with an active site in LLaMA (q with v)
     edge_site = next(iter(modules.layers))
     killed = frozenset({cloud_site, edge_site})
