@@ -55,13 +55,15 @@ def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root:
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=_mkdir(root)))
     try:
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in edge_tensors(edge).items()}
+        tensors, aliases = _dedupe(tensors)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS))
         model.config.to_json_file(str(tmp / "config.json"))
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         plan_json = {"num_blocks": plan.n_blocks, "edge_layers": plan.edge_layers,
-                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch.")}
+                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch."),
+                     "aliases": aliases}
         (tmp / PLAN).write_text(json.dumps(plan_json, indent=2))
         target = root / bundle_id(tmp)
         if not target.exists():
@@ -87,6 +89,8 @@ def load_edge_model(directory: Path) -> EdgeModel:
     edge = extract_edge(skeleton, plan_for(config, plan.edge_layers))
     edge = edge.to_empty(device="cpu")
     tensors = load_file(str(directory / WEIGHTS))
+    for alias, source in read_plan(directory)[1].get("aliases", {}).items():
+        tensors[alias] = tensors[source]
     expected = edge_tensors(edge)
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:3]
@@ -96,6 +100,22 @@ def load_edge_model(directory: Path) -> EdgeModel:
             value = tensors[name]
             target.copy_(value.to(torch.float32) if value.is_floating_point() else value)
     return edge.float().eval()
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Stores identical tensors once (e.g. an LM head tied to the embedding); returns the aliases."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, tensor in tensors.items():
+        twin = next((k for k in by_shape.get((tensor.shape, tensor.dtype), [])
+                     if torch.equal(kept[k], tensor)), None)
+        if twin is not None:
+            aliases[name] = twin
+            continue
+        kept[name] = tensor
+        by_shape.setdefault((tensor.shape, tensor.dtype), []).append(name)
+    return kept, aliases
 
 
 def _storage_dtype(config: PretrainedConfig) -> torch.dtype:
