@@ -31,5 +31,5 @@ def test_tied_head_is_stored_once(tiny_dirs, tmp_path):
     model = load_causal_lm(tiny_dirs["llama"])  # tie_word_embeddings=True
     bundle = write_bundle(model, tiny_dirs["llama"], plan_for(model.config, 1), tmp_path, "tiny")
     _, meta = read_plan(bundle)
-    assert meta["aliases"] == {"top.lm_head.weight": "bottom.embed_tokens.weight"}
+    assert meta["aliases"]["top.lm_head.weight"] == "bottom.embed_tokens.weight"
     assert "top.lm_head.weight" not in load_file(str(bundle / WEIGHTS))
