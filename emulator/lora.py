@@ -134,6 +134,16 @@ def load_into_segments(model: nn.Module, state: dict[str, torch.Tensor], spec: A
             param.copy_(state[key].to(param.dtype))
 
 
+def with_adapter(model: nn.Module, directory: Path, spec: ArchSpec) -> nn.Module:
+    """A copy of segment ``model`` with LoRA injected as the PEFT adapter in ``directory`` says, loaded."""
+    state, config = load_adapter_state(directory)
+    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
+    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
+    adapted = add_lora(model, settings, spec)
+    load_into_segments(adapted, state, spec)
+    return adapted
+
+
 def _is_linear(module: nn.Module) -> bool:
     # GPT-2 uses transformers' Conv1D, which PEFT's LoRA supports like nn.Linear.
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -14,7 +14,7 @@ from edge.client import CloudCallError, CloudClient
 from edge.split import LocalMiddle, RemoteMiddle, split_logits, split_step
 from emulator.arch import arch_for
 from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, load_adapter_state, load_into_segments, lora_parameters
+from emulator.lora import LoraSettings, add_lora, lora_parameters, with_adapter
 from emulator.models import load_causal_lm
 from emulator.segments import extract_middle, plan_for
 from protocol import edgetune_pb2 as pb
@@ -108,10 +108,7 @@ def test_train_cli_metrics_pull_and_peft_logits(alice_run, tiny_cloud, pki, tiny
         client.pull_adapter(adapter_id, pulled)
         info = client.open_session("split", 2)
         edge = load_edge_model(client.bundle(info))
-        state, config = load_adapter_state(pulled)
-        model = add_lora(edge, LoraSettings(config["r"], config["lora_alpha"]), arch_for(load_causal_lm(
-            tiny_dirs["llama"]).config))
-        load_into_segments(model, state, model.bottom.spec)
+        model = with_adapter(edge, pulled, edge.bottom.spec)
         stream = client.train_stream(info)
         ids = torch.randint(1, 96, (2, 10))
         split_out = split_logits(model, RemoteMiddle(stream), ids, Traffic())

@@ -11,7 +11,7 @@ from peft import PeftModel
 from edge.client import CloudClient
 from edge.split import RemoteMiddle, split_logits
 from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, load_adapter_state, load_into_segments
+from emulator.lora import with_adapter
 from emulator.models import load_causal_lm, resolve_model
 from protocol.accounting import Traffic
 from protocol.channel import secure_channel
@@ -55,10 +55,7 @@ def test_real_model_split_run(smol_cloud, pki, tmp_path):
         info = client.open_session("split")
         edge = load_edge_model(client.bundle(info))
         assert client.setup.bytes_received == 0  # cached by content hash: nothing downloaded again
-        state, config = load_adapter_state(pulled)
-        leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
-        model = add_lora(edge, LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves), edge.bottom.spec)
-        load_into_segments(model, state, edge.bottom.spec)
+        model = with_adapter(edge, pulled, edge.bottom.spec)
         stream = client.train_stream(info)
         ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) + 1000
         split_out = split_logits(model, RemoteMiddle(stream), ids, Traffic())
