@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from edge.client import CloudClient
 from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
@@ -87,7 +87,7 @@ class EdgeSession:
     client: CloudClient
     model: EdgeModel
     link: RemoteMiddle
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     model_name: str
     pad_id: int
 
