@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from emulator.segments import EdgeModel, SplitPlan, extract_edge, plan_for
 
@@ -50,7 +50,7 @@ def edge_tensors(edge: EdgeModel) -> dict[str, torch.Tensor]:
 def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root: Path,
                  model_name: str) -> Path:
     """Writes the bundle of ``plan`` under ``root/<bundle_id>`` (idempotent) and returns its path."""
-    dtype = _storage_dtype(model.config)
+    dtype = _storage_dtype(model_dir)
     edge = extract_edge(model, plan)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=_mkdir(root)))
     try:
@@ -118,9 +118,12 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return kept, aliases
 
 
-def _storage_dtype(config: PretrainedConfig) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint is stored in: shipping the segments in it loses nothing."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _mkdir(path: Path) -> Path:
