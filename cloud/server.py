@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from cloud.auth import Authenticator
 from cloud.handlers import Coordinator
 from cloud.servicer import add_to_server
 from emulator.models import load_causal_lm, resolve_model
 from protocol.channel import create_server
+from protocol.pki import RevocationList
 
 log = logging.getLogger("edgetune.cloud")
 
@@ -57,7 +59,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
     coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers)
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
-    add_to_server(coordinator, server)
+    add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
     print(f"edgetune-cloud serving {cfg.model} on {host}:{port} (mutual TLS, store {cfg.store})", flush=True)

@@ -24,7 +24,7 @@ from edge.train import (
     open_edge_session,
     train,
 )
-from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, load_into_segments
+from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, with_adapter
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
 
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--edge-layers", type=int, default=0, help="K blocks at each end (0: the cloud's default)")
     t.add_argument("--lora-rank", type=int, default=LoraSettings.rank)
     t.add_argument("--lora-alpha", type=int, default=LoraSettings.alpha)
-    t.add_argument("--lora-targets", default="", help="comma-separated projections, 'all', or '' for defaults")
+    t.add_argument("--lora-targets", default=None,
+                   help="comma-separated projection names, 'all' (every linear layer of a block), or '' for "
+                        "the architecture's default (q/v for LLaMA); default: 'all' in split mode, '' in dlora "
+                        "(every cloud-held site costs exchanges)")
     t.add_argument("--wire-dtype", default=d["wire_dtype"].default, choices=list(WIRE_CHOICES),
                    help="dtype of every tensor crossing the wire (int8: per-token absmax scaling)")
     t.add_argument("--kr-budget", type=float, default=KillReviveConfig.budget,
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    raw = args.lora_targets if args.lora_targets is not None else ("all" if args.mode == "split" else "")
+    targets = tuple(t for t in raw.split(",") if t)
     cfg = TrainConfig(
         cloud=args.cloud, identity=args.identity, data=args.data, out=args.out, eval=args.eval,
         mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -122,13 +126,12 @@ def _with_adapter(es: EdgeSession, adapter: Path | None, mode: str, leaves: tupl
     """The edge model and link for evaluation, with the adapter's weights loaded where they belong."""
     if adapter is None:
         return es.model, es.link
+    spec = es.model.bottom.spec
+    if mode != "dlora":
+        return with_adapter(es.model, adapter, spec), es.link
     state, config = load_adapter_state(adapter)
     settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
-    spec = es.model.bottom.spec
     model = add_lora(es.model, settings, spec)
-    if mode != "dlora":
-        load_into_segments(model, state, spec)
-        return model, es.link
     link = dlora_link(es, settings, "float32")
     load_dlora_adapter(model, link.server.bank, state, spec)
     return model, link

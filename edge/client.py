@@ -148,11 +148,11 @@ class TrainStream:
         try:
             for reply in self._responses:
                 traffic.received(reply.ByteSize(), len(reply.tensor.data))
-                message = serde.cloud_message_from_proto(reply)
-                compute_s += message.compute_s
-                if message.step != step or message.tensor is None:
-                    raise RuntimeError(f"cloud answered step {message.step}, expected {step}")
-                result = assembler.feed(message.tensor)
+                answer = serde.cloud_message_from_proto(reply)
+                compute_s += answer.compute_s
+                if answer.step != step or answer.tensor is None:
+                    raise RuntimeError(f"cloud answered step {answer.step}, expected {step}")
+                result = assembler.feed(answer.tensor)
                 if result is not None:
                     return CloudReply(message.phase, result, compute_s, message.site_group)
         except grpc.RpcError as err:

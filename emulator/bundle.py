@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from emulator.segments import EdgeModel, SplitPlan, extract_edge, plan_for
 
@@ -50,18 +50,20 @@ def edge_tensors(edge: EdgeModel) -> dict[str, torch.Tensor]:
 def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root: Path,
                  model_name: str) -> Path:
     """Writes the bundle of ``plan`` under ``root/<bundle_id>`` (idempotent) and returns its path."""
-    dtype = _storage_dtype(model.config)
+    dtype = _storage_dtype(model_dir)
     edge = extract_edge(model, plan)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=_mkdir(root)))
     try:
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in edge_tensors(edge).items()}
+        tensors, aliases = _dedupe(tensors)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS))
         model.config.to_json_file(str(tmp / "config.json"))
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         plan_json = {"num_blocks": plan.n_blocks, "edge_layers": plan.edge_layers,
-                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch.")}
+                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch."),
+                     "aliases": aliases}
         (tmp / PLAN).write_text(json.dumps(plan_json, indent=2))
         target = root / bundle_id(tmp)
         if not target.exists():
@@ -87,6 +89,8 @@ def load_edge_model(directory: Path) -> EdgeModel:
     edge = extract_edge(skeleton, plan_for(config, plan.edge_layers))
     edge = edge.to_empty(device="cpu")
     tensors = load_file(str(directory / WEIGHTS))
+    for alias, source in read_plan(directory)[1].get("aliases", {}).items():
+        tensors[alias] = tensors[source]
     expected = edge_tensors(edge)
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:3]
@@ -98,9 +102,28 @@ def load_edge_model(directory: Path) -> EdgeModel:
     return edge.float().eval()
 
 
-def _storage_dtype(config: PretrainedConfig) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Stores identical tensors once (e.g. an LM head tied to the embedding); returns the aliases."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, tensor in tensors.items():
+        twin = next((k for k in by_shape.get((tensor.shape, tensor.dtype), [])
+                     if torch.equal(kept[k], tensor)), None)
+        if twin is not None:
+            aliases[name] = twin
+            continue
+        kept[name] = tensor
+        by_shape.setdefault((tensor.shape, tensor.dtype), []).append(name)
+    return kept, aliases
+
+
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint is stored in: shipping the segments in it loses nothing."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _mkdir(path: Path) -> Path:

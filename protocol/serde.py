@@ -80,7 +80,7 @@ def _phase_from_proto(value: int) -> Phase:
 
 
 def edge_message_to_proto(e: EdgeMessage) -> pb.EdgeMessage:
-    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=int(e.phase), site_group=e.site_group,
+    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=e.phase.name, site_group=e.site_group,
                          active_sites=list(e.active_sites))
     if e.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(e.tensor))
@@ -94,7 +94,7 @@ def edge_message_from_proto(m: pb.EdgeMessage) -> EdgeMessage:
 
 
 def cloud_message_to_proto(c: CloudMessage) -> pb.CloudMessage:
-    msg = pb.CloudMessage(step=c.step, phase=int(c.phase), compute_s=c.compute_s, site_group=c.site_group)
+    msg = pb.CloudMessage(step=c.step, phase=c.phase.name, compute_s=c.compute_s, site_group=c.site_group)
     if c.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(c.tensor))
     return msg
