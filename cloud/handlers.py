@@ -24,7 +24,7 @@ from cloud.sessions import Session, SessionManager
 from emulator.arch import arch_for, hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
 from emulator.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
-from emulator.segments import SplitError, SplitPlan, extract_middle, plan_for
+from emulator.segments import BlockStack, SplitError, SplitPlan, extract_middle, plan_for
 from protocol.serde import WireFormatError
 from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
@@ -100,6 +100,7 @@ class Coordinator:
         if request.mode == "dlora":
             groups = self._remote_sites(plan, request.lora_targets)
             names = tuple(site.name for site in flatten(groups))
+            assert isinstance(backend.runner.segment, BlockStack)
             runner = DloraBackbone(backend.runner.segment, groups)
             session = self.sessions.open(owner, request.mode, plan, runner, names)
             return SessionInfo(session.session_id, backend.info, names)

@@ -35,7 +35,13 @@ class DemoRun:
     args: list[str] = field(default_factory=list)
 
 
-RUNS = [DemoRun("split", ["--mode", "split"])]
+RUNS = [
+    DemoRun("split", ["--mode", "split"]),
+    # LoRA (q/v) on every block, all of it kept on the edge; Kill-and-Revive keeps 10% of the modules
+    # active between probes every 50 steps; int8 activations. Zero-shot is the split run's (same base).
+    DemoRun("dlora+KR", ["--mode", "dlora", "--kr-budget", "0.1", "--kr-probe-every", "50", "--lr", "1e-3",
+                         "--wire-dtype", "int8", "--no-eval-before"]),
+]
 
 
 def main() -> int:
@@ -107,12 +113,15 @@ def train(run: DemoRun, address: str, identity: Path, data: Path, args, env: dic
 
 def table(results: dict[str, dict], wall_s: float) -> str:
     head = ("| mode | eval acc before | eval acc after | train MB up | train MB down | setup MB down "
-            "| edge GFLOP | cloud compute s | train wall s |")
-    lines = ["", head, "|" + "---|" * 9]
+            "| edge GFLOP | edge LoRA GFLOP | exchanges | cloud compute s | train wall s |")
+    lines = ["", head, "|" + "---|" * 11]
+    zero_shot = next((m["eval_accuracy_before"] for m in results.values() if m.get("eval_accuracy_before")), None)
     for name, m in results.items():
-        lines.append(f"| {name} | {m['eval_accuracy_before']:.3f} | {m['eval_accuracy_after']:.3f} | "
+        before = m.get("eval_accuracy_before") or zero_shot
+        lines.append(f"| {name} | {before:.3f} | {m['eval_accuracy_after']:.3f} | "
                      f"{m['bytes_sent'] / 1e6:.1f} | {m['bytes_received'] / 1e6:.1f} | "
                      f"{m['setup_bytes_received'] / 1e6:.1f} | {m['edge_flops'] / 1e9:.0f} | "
+                     f"{m.get('lora_flops', 0) / 1e9:.1f} | {m['round_trips']} | "
                      f"{m['cloud_compute_s']:.0f} | {m['train_wall_s']:.0f} |")
     rows = next(iter(results.values()))["eval_rows"] if results else 0
     lines += ["", f"Eval on {rows} held-out rows (movies disjoint from training). Demo wall time {wall_s:.0f} s.",

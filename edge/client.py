@@ -154,7 +154,7 @@ class TrainStream:
                     raise RuntimeError(f"cloud answered step {answer.step}, expected {step}")
                 result = assembler.feed(answer.tensor)
                 if result is not None:
-                    return CloudReply(message.phase, result, compute_s, message.site_group)
+                    return CloudReply(answer.phase, result, compute_s, answer.site_group)
         except grpc.RpcError as err:
             raise CloudCallError.from_rpc("Train", err) from None
         raise CloudCallError("Train: the cloud closed the stream mid-step; is the coordinator running?")

@@ -233,6 +233,7 @@ class LoraModules:
         """``(in_features, out_features)`` of the module's projection."""
         if name in self.layers:
             layer = self.layers[name]
+            assert layer.in_features is not None and layer.out_features is not None
             return layer.in_features, layer.out_features
         return self.sites[name].in_features, self.sites[name].out_features
 
@@ -244,7 +245,8 @@ class LoraModules:
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         if name in self.layers:
-            return [p for n, p in self.layers[name].named_parameters() if "lora_" in n]
+            layer = self.layers[name]
+            return [*layer.lora_A.parameters(), *layer.lora_B.parameters()]
         assert self.server is not None
         return self.server.bank.site_parameters(self.sites[name])
 
@@ -254,7 +256,7 @@ class LoraModules:
         for name in self.names:
             grads = [p.grad for p in self.parameters(name) if p.grad is not None]
             if grads:
-                norms[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+                norms[name] = float(torch.stack([(g.float() ** 2).sum() for g in grads]).sum().sqrt())
         return norms
 
 

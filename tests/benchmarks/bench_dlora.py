@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deploy"))
 
+from prepare_rotten_tomatoes import prepare  # noqa: E402
+
 from edge.kill_revive import KillReviveConfig  # noqa: E402
 from edge.train import TrainConfig, train  # noqa: E402
 from emulator.lora import LoraSettings  # noqa: E402
-from prepare_rotten_tomatoes import prepare  # noqa: E402
 from protocol.pki import init_pki, issue_client  # noqa: E402
 from tests.conftest import start_cloud, stop_cloud  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge.dlora import LoraModules, LocalDloraMiddle, SiteServer
+from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer
 from edge.split import split_step
 from emulator.arch import ArchSpec, arch_for
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config

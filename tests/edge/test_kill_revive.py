@@ -9,8 +9,8 @@ from edge.data import load_train
 from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer, lora_step_flops
 from edge.kill_revive import KillRevive, KillReviveConfig
 from edge.train import TrainConfig, _train_loop
-from emulator.lora_bank import LoraBranch
 from emulator.lora import LoraSettings
+from emulator.lora_bank import LoraBranch
 from tests.edge.test_dlora_equivalence import dlora_setup
 from tests.tiny_models import tiny_tokenizer
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ SETTINGS = LoraSettings(rank=4, alpha=8)
 
 def identity(pki, name):
     return pki / "clients" / name
+
+
+@pytest.fixture(autouse=True)
+def _own_bundle_cache(tmp_path_factory, monkeypatch):
+    """A bundle cache of this module's own, so split tests still see their first download."""
+    monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache-dlora"))
 
 
 def dlora_edge(client, info, settings=SETTINGS):
@@ -77,7 +84,8 @@ def test_dlora_step_over_grpc_equals_local_step_and_bytes_follow_the_shapes(tiny
     hidden, q_out, v_out = 32, 32, 16
     n = {"fp32": "float32", "int8": "int8"}[wire]
     cut = 2 * wire_nbytes(n, (b, s, hidden))
-    up = cut + wire_nbytes(n, (b, s, q_out + v_out)) + wire_nbytes(n, (b, s, q_out)) + 2 * wire_nbytes(n, (b, s, hidden))
+    sites = wire_nbytes(n, (b, s, q_out + v_out)) + wire_nbytes(n, (b, s, q_out))  # block 2: q+v, block 3: q
+    up = cut + sites + 2 * wire_nbytes(n, (b, s, hidden))  # + the two site-input gradients
     assert traffic.payload_bytes_sent == up
     assert traffic.payload_bytes_received == up  # sums of the same shapes in the other direction
     assert traffic.round_trips == 2 + 2 * 2
@@ -99,7 +107,8 @@ def dlora_run(tiny_cloud, pki, tmp_path_factory):
          str(identity(pki, "alice")), "--data", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
          "--mode", "dlora", "--kr-budget", "0.5", "--kr-probe-every", "3", "--wire-dtype", "int8",
          "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "0",
-         "--out", str(run), "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--out", str(run), "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "EDGETUNE_CACHE": str(tmp_path_factory.getbasetemp() / "cache-dlora")})
     assert proc.returncode == 0, proc.stderr
     return run
 
