@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import json
 import sys
 from pathlib import Path
 
+import grpc
 import torch
 
 from edge.client import CloudCallError, CloudClient
@@ -15,9 +19,10 @@ from edge.train import ConfigError, TrainConfig, evaluate, open_edge_session, tr
 from emulator.lora import AdapterMismatchError, LoraSettings, with_adapter
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
+from protocol.diagnose import diagnose_connection
 from protocol.tensors import WIRE_DTYPES
 
-USER_ERRORS = (ConfigError, DataError, CredentialError, CloudCallError, FileNotFoundError, AdapterMismatchError)
+USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError)
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -112,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             with secure_channel(args.cloud, args.identity) as channel:
                 CloudClient(channel).pull_adapter(args.adapter, args.out)
             print(f"adapter {args.adapter} written to {args.out} (PEFT format)")
+    except CloudCallError as err:
+        hint = ""
+        if err.code == grpc.StatusCode.UNAVAILABLE and hasattr(args, "identity"):
+            hint = f"; diagnosis: {diagnose_connection(args.cloud, args.identity)}"
+        print(f"edgetune-edge: error: {err}{hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as err:
         print(f"edgetune-edge: error: {err}", file=sys.stderr)
         return 2
