@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from cloud.auth import Authenticator
 from cloud.handlers import Coordinator
@@ -18,6 +20,8 @@ from protocol.channel import create_server
 from protocol.pki import RevocationList
 
 log = logging.getLogger("edgetune.cloud")
+SERVICE_NAME = "edgetune.v1.Coordinator"
+GRACE_S = 10
 
 
 class ConfigError(ValueError):
@@ -60,7 +64,11 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers)
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.start()
+    for service in ("", SERVICE_NAME):
+        health.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.listen.rsplit(":", 1)[0]
     print(f"edgetune-cloud serving {cfg.model} on {host}:{port} (mutual TLS, store {cfg.store})", flush=True)
     if cfg.port_file is not None:
@@ -72,7 +80,8 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down: finishing in-flight calls (up to 10 s)")
-    server.stop(grace=10).wait()
+    log.info("shutting down: refusing new calls, finishing in-flight steps (up to %d s)", GRACE_S)
+    health.enter_graceful_shutdown()
+    server.stop(grace=GRACE_S).wait()
     coordinator.registry.close()
     print("edgetune-cloud stopped", flush=True)
