@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cloud.backbone import LocalBackbone
-from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
+from cloud.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
 from cloud.sessions import Session, SessionManager
 from emulator.arch import hidden_size
@@ -38,7 +39,15 @@ from protocol.types import (
 )
 
 MODES = ("split",)
-DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client limits (``serve --max-streams-per-client --max-tensor-mb --idle-timeout``)."""
+
+    max_streams_per_client: int = 4
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    idle_timeout_s: float = 300.0
 
 
 @dataclass
@@ -62,10 +71,12 @@ class Coordinator:
     """
 
     def __init__(self, model_name: str, model_dir: Path, model: PreTrainedModel, store: Path,
-                 default_edge_layers: int = 2, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> None:
+                 default_edge_layers: int = 2, limits: Limits | None = None) -> None:
         self.model_name, self.model_dir, self.model, self.store = model_name, model_dir, model, store
         self.default_edge_layers = default_edge_layers
-        self.max_tensor_bytes = max_tensor_bytes
+        self.limits = limits or Limits()
+        self._streams: dict[str, int] = {}
+        self._streams_lock = threading.Lock()
         self.sessions = SessionManager()
         self.registry = AdapterRegistry(store)
         self._backends: dict[int, SplitBackend] = {}
@@ -108,8 +119,25 @@ class Coordinator:
 
     def train(self, owner: str, messages: Iterable[EdgeMessage]) -> Iterator[CloudMessage]:
         """Serves one training stream: forward and backward through the middle, step by step."""
+        with self._stream_slot(owner):
+            yield from self._train(owner, messages)
+
+    @contextmanager
+    def _stream_slot(self, owner: str) -> Iterator[None]:
+        with self._streams_lock:
+            if self._streams.get(owner, 0) >= self.limits.max_streams_per_client:
+                raise ResourceExhausted(f"identity {owner!r} already has {self.limits.max_streams_per_client} "
+                                        "training streams open; close one or wait")
+            self._streams[owner] = self._streams.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams[owner] -= 1
+
+    def _train(self, owner: str, messages: Iterable[EdgeMessage]) -> Iterator[CloudMessage]:
         session: Session | None = None
-        assembler = TensorAssembler(self.max_tensor_bytes)
+        assembler = TensorAssembler(self.limits.max_tensor_bytes)
         for message in messages:
             if session is None:
                 session = self.sessions.get(owner, message.session_id)

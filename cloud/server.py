@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from cloud.auth import Authenticator
-from cloud.handlers import Coordinator
+from cloud.handlers import Coordinator, Limits
 from cloud.servicer import add_to_server
 from emulator.models import load_causal_lm, resolve_model
 from protocol.channel import create_server
@@ -40,6 +40,7 @@ class ServeConfig:
     workers: int = 16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     port_file: Path | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +50,8 @@ class ServeConfig:
             problems.append(f"--listen {self.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
         if self.edge_layers < 1:
             problems.append(f"--edge-layers {self.edge_layers}: must be at least 1")
+        if self.limits.max_streams_per_client < 1 or self.limits.idle_timeout_s <= 0:
+            problems.append("--max-streams-per-client and --idle-timeout must be positive")
         if self.workers < 1:
             problems.append(f"--workers {self.workers}: must be at least 1")
         if problems:
@@ -61,7 +64,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     model_dir = resolve_model(cfg.model)
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
-    coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers)
+    coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits)
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
     health = HealthServicer()

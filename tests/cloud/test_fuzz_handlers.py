@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud.errors import CloudError
-from cloud.handlers import Coordinator
+from cloud.handlers import Coordinator, Limits
 from emulator.models import load_causal_lm
 from protocol import edgetune_pb2 as pb
 from protocol import serde
@@ -24,7 +24,7 @@ CASES = 1200
 def coordinator(tiny_dirs, tmp_path_factory):
     model = load_causal_lm(tiny_dirs["llama"])
     return Coordinator("tiny", tiny_dirs["llama"], model, tmp_path_factory.mktemp("fuzz-store"), 2,
-                       max_tensor_bytes=1 << 16)
+                       Limits(max_tensor_bytes=1 << 16))
 
 
 def chunk_strategy():
