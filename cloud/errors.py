@@ -33,3 +33,7 @@ class ResourceExhausted(CloudError):
 
 class DeadlineExceeded(CloudError):
     """The client went silent for longer than the idle timeout."""
+
+
+class DataLoss(CloudError):
+    """A stored artifact is corrupted and was not used."""

@@ -17,14 +17,15 @@ import torch
 from transformers import PreTrainedModel
 
 from cloud.backbone import LocalBackbone
-from cloud.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
 from cloud.sessions import Session, SessionManager
+from cloud.vault import CorruptArtifactError
 from emulator.arch import hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
 from emulator.segments import SplitError, extract_middle, plan_for
 from protocol.serde import WireFormatError
-from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
+from protocol.tensors import TensorAssembler, bytes_chunks, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
     AdapterList,
     AdapterMeta,
@@ -216,6 +217,9 @@ class Coordinator:
         return AdapterList(self.registry.list(owner))
 
     def pull_adapter(self, owner: str, adapter_id: str) -> Iterator[FileChunk]:
-        _, directory = self.registry.get(owner, adapter_id)
+        try:
+            _, files = self.registry.get(owner, adapter_id)
+        except CorruptArtifactError as err:
+            raise DataLoss(str(err)) from None
         for name in ADAPTER_FILES:
-            yield from file_chunks(directory / name)
+            yield from bytes_chunks(name, files[name])
