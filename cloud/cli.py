@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import logging
 import sys
 from pathlib import Path
 
+from cloud.handlers import Limits
 from cloud.server import ConfigError, ServeConfig, serve
 from emulator.arch import UnsupportedArchitectureError
 from emulator.models import ModelNotFoundError
@@ -44,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
     srv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     srv.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    srv.add_argument("--max-streams-per-client", type=int, default=Limits.max_streams_per_client)
+    srv.add_argument("--max-tensor-mb", type=float, default=Limits.max_tensor_bytes / 2**20,
+                     help="largest tensor a client may send, in MiB")
+    srv.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s,
+                     help="seconds of client silence before a training stream is closed")
     return parser
 
 
@@ -63,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             out = issue_client(args.dir, args.name, args.days)
             print(f"identity {args.name!r} written to {out}; hand this directory to its edge owner")
         else:
+            limits = Limits(args.max_streams_per_client, int(args.max_tensor_mb * 2**20), args.idle_timeout)
             serve(ServeConfig(args.model, args.pki, args.listen, args.store, args.edge_layers,
-                              args.workers, args.threads, args.port_file))
+                              args.workers, args.threads, args.port_file, limits))
     except USER_ERRORS as err:
         print(f"edgetune-cloud: error: {err}", file=sys.stderr)
         return 2

@@ -25,3 +25,15 @@ class InvalidArgument(CloudError):
 
 class FailedPrecondition(CloudError):
     """A request out of order for the session's state (e.g. backward before forward)."""
+
+
+class ResourceExhausted(CloudError):
+    """A per-client limit was reached (concurrent streams, message size)."""
+
+
+class DeadlineExceeded(CloudError):
+    """The client went silent for longer than the idle timeout."""
+
+
+class DataLoss(CloudError):
+    """A stored artifact is corrupted and was not used."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,16 @@ from transformers import PreTrainedModel
 from cloud.backbone import LocalBackbone
 from cloud.conversation import Answer, Callout, CalloutFn, Conversation, Finished
 from cloud.dlora import DloraBackbone, EdgeSiteExchange
-from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
+from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
 from cloud.sessions import Session, SessionManager
+from cloud.vault import CorruptArtifactError
 from emulator.arch import arch_for, hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
 from emulator.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
 from emulator.segments import BlockStack, SplitError, SplitPlan, extract_middle, plan_for
 from protocol.serde import WireFormatError
-from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
+from protocol.tensors import TensorAssembler, bytes_chunks, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
     AdapterList,
     AdapterMeta,
@@ -41,7 +43,15 @@ from protocol.types import (
 )
 
 MODES = ("split", "dlora")
-DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client limits (``serve --max-streams-per-client --max-tensor-mb --idle-timeout``)."""
+
+    max_streams_per_client: int = 4
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    idle_timeout_s: float = 300.0
 
 
 @dataclass
@@ -65,10 +75,12 @@ class Coordinator:
     """
 
     def __init__(self, model_name: str, model_dir: Path, model: PreTrainedModel, store: Path,
-                 default_edge_layers: int = 2, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> None:
+                 default_edge_layers: int = 2, limits: Limits | None = None) -> None:
         self.model_name, self.model_dir, self.model, self.store = model_name, model_dir, model, store
         self.default_edge_layers = default_edge_layers
-        self.max_tensor_bytes = max_tensor_bytes
+        self.limits = limits or Limits()
+        self._streams: dict[str, int] = {}
+        self._streams_lock = threading.Lock()
         self.sessions = SessionManager()
         self.registry = AdapterRegistry(store)
         self._backends: dict[int, SplitBackend] = {}
@@ -135,8 +147,25 @@ class Coordinator:
         (``SITE_INPUT`` -> ``SITE_OUTPUT``, ``SITE_GRAD_OUTPUT`` -> ``SITE_GRAD_INPUT``) before the
         step's reply; the compute runs in a :class:`Conversation` worker so it can wait mid-forward.
         """
+        with self._stream_slot(owner):
+            yield from self._train(owner, messages)
+
+    @contextmanager
+    def _stream_slot(self, owner: str) -> Iterator[None]:
+        with self._streams_lock:
+            if self._streams.get(owner, 0) >= self.limits.max_streams_per_client:
+                raise ResourceExhausted(f"identity {owner!r} already has {self.limits.max_streams_per_client} "
+                                        "training streams open; close one or wait")
+            self._streams[owner] = self._streams.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams[owner] -= 1
+
+    def _train(self, owner: str, messages: Iterable[EdgeMessage]) -> Iterator[CloudMessage]:
         session: Session | None = None
-        assembler = TensorAssembler(self.max_tensor_bytes)
+        assembler = TensorAssembler(self.limits.max_tensor_bytes)
         conversation, head = Conversation(), None
         try:
             for message in messages:
@@ -245,6 +274,9 @@ class Coordinator:
         return AdapterList(self.registry.list(owner))
 
     def pull_adapter(self, owner: str, adapter_id: str) -> Iterator[FileChunk]:
-        _, directory = self.registry.get(owner, adapter_id)
+        try:
+            _, files = self.registry.get(owner, adapter_id)
+        except CorruptArtifactError as err:
+            raise DataLoss(str(err)) from None
         for name in ADAPTER_FILES:
-            yield from file_chunks(directory / name)
+            yield from bytes_chunks(name, files[name])

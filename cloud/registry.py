@@ -1,7 +1,9 @@
-"""The adapter registry: SQLite index plus one directory of PEFT files per adapter.
+"""The adapter registry: SQLite index plus one directory of encrypted PEFT files per adapter.
 
 Every read takes the owner; an adapter that belongs to someone else is reported as not found,
-so a client cannot even learn that another client's adapter exists.
+so a client cannot even learn that another client's adapter exists. Files are sealed with the
+store's key (:mod:`cloud.vault`) and written atomically before the index row is committed; a
+directory without a row (a crash in between) is removed at start-up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from cloud.errors import InvalidArgument, NotFound
+from cloud.vault import Vault
 from protocol.types import AdapterMeta
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -44,9 +47,13 @@ class AdapterRegistry:
     def __init__(self, store: Path) -> None:
         self.root = store / "adapters"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.vault = Vault(store)
         self._db = sqlite3.connect(store / "registry.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._remove_orphans()
 
     def add(self, owner: str, meta: AdapterMeta, staged: Path) -> AdapterMeta:
         """Validates the staged adapter files and registers them under a new id for ``owner``."""
@@ -56,7 +63,8 @@ class AdapterRegistry:
         size = sum((staged / f).stat().st_size for f in ADAPTER_FILES)
         stored = replace(meta, adapter_id=adapter_id, owner=owner, created=created, size_bytes=size)
         target = self.root / adapter_id
-        shutil.copytree(staged, target)
+        for name in ADAPTER_FILES:
+            self.vault.seal(target / f"{name}.enc", (staged / name).read_bytes(), f"{adapter_id}/{name}")
         with self._lock:
             self._db.execute(
                 "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -72,8 +80,13 @@ class AdapterRegistry:
                 "FROM adapters WHERE owner = ? ORDER BY created, adapter_id", (owner,)).fetchall()
         return [_meta(row) for row in rows]
 
-    def get(self, owner: str, adapter_id: str) -> tuple[AdapterMeta, Path]:
-        """The adapter's metadata and directory, if ``owner`` owns it."""
+    def get(self, owner: str, adapter_id: str) -> tuple[AdapterMeta, dict[str, bytes]]:
+        """The adapter's metadata and decrypted files, if ``owner`` owns it.
+
+        Raises:
+            NotFound: no such adapter for this owner.
+            CorruptArtifactError: a stored file failed authentication.
+        """
         with self._lock:
             row = self._db.execute(
                 "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
@@ -81,7 +94,15 @@ class AdapterRegistry:
         if row is None:
             raise NotFound(f"no adapter {adapter_id!r} belongs to identity {owner!r}; "
                            "`edgetune-edge list` shows yours")
-        return _meta(row), self.root / adapter_id
+        directory = self.root / adapter_id
+        files = {name: self.vault.open(directory / f"{name}.enc", f"{adapter_id}/{name}") for name in ADAPTER_FILES}
+        return _meta(row), files
+
+    def _remove_orphans(self) -> None:
+        known = {row[0] for row in self._db.execute("SELECT adapter_id FROM adapters")}
+        for directory in self.root.iterdir():
+            if directory.name not in known:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def close(self) -> None:
         self._db.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -23,6 +25,9 @@ STATUS: dict[type[errors.CloudError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 
@@ -30,6 +35,31 @@ def _abort(context: grpc.ServicerContext, err: errors.CloudError, rpc: str) -> N
     code = STATUS.get(type(err), grpc.StatusCode.INTERNAL)
     log.warning("%s refused (%s): %s", rpc, code.name, err)
     context.abort(code, str(err))
+
+
+def with_idle_timeout(requests: Iterator[T], seconds: float) -> Iterator[T]:
+    """Yields from a request stream, raising DeadlineExceeded when the client is silent too long."""
+    inbox: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in requests:
+                inbox.put(item)
+        except Exception:  # noqa: BLE001 - the RPC ended (cancelled or broken); stop reading
+            pass
+        inbox.put(done)
+
+    threading.Thread(target=pump, daemon=True, name="stream-reader").start()
+    while True:
+        try:
+            item = inbox.get(timeout=seconds)
+        except queue.Empty:
+            raise errors.DeadlineExceeded(f"no message for {seconds:g} s (idle timeout); reconnect to continue "
+                                          "the session") from None
+        if item is done:
+            return
+        yield item
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -63,7 +93,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def Train(self, request_iterator, context):  # noqa: N802
         def decoded():
-            for message in request_iterator:
+            for message in with_idle_timeout(request_iterator, self.c.limits.idle_timeout_s):
                 try:
                     yield serde.edge_message_from_proto(message)
                 except serde.WireFormatError as err:

@@ -92,7 +92,9 @@ def split_train_eval(
     return movies[len(eval_movies):], eval_movies
 
 
-def _rows(movies: list[str], by_movie: dict[str, list[tuple[str, int]]], cap: int, rng: random.Random) -> list[tuple[str, int, str]]:
+def _rows(
+    movies: list[str], by_movie: dict[str, list[tuple[str, int]]], cap: int, rng: random.Random
+) -> list[tuple[str, int, str]]:
     rows = [(t, y, m) for m in movies for t, y in by_movie[m]]
     rng.shuffle(rows)
     return rows[:cap]

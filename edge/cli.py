@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import json
 import sys
 from pathlib import Path
 
+import grpc
 import torch
 
 from edge.client import CloudCallError, CloudClient
@@ -27,9 +31,10 @@ from edge.train import (
 from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, with_adapter
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
+from protocol.diagnose import diagnose_connection
 
 DEFAULT_WIRE = {"split": "float32", "dlora": "int8"}  # from docs/dlora_benchmark.md
-USER_ERRORS = (ConfigError, DataError, CredentialError, CloudCallError, FileNotFoundError, AdapterMismatchError)
+USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError)
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -156,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             with secure_channel(args.cloud, args.identity) as channel:
                 CloudClient(channel).pull_adapter(args.adapter, args.out)
             print(f"adapter {args.adapter} written to {args.out} (PEFT format)")
+    except CloudCallError as err:
+        hint = ""
+        if err.code == grpc.StatusCode.UNAVAILABLE and hasattr(args, "identity"):
+            hint = f"; diagnosis: {diagnose_connection(args.cloud, args.identity)}"
+        print(f"edgetune-edge: error: {err}{hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as err:
         print(f"edgetune-edge: error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TLS_FAILURES = ("handshake", "verification check failed", "certificate")
 T = TypeVar("T")
 
 
@@ -87,7 +88,10 @@ def create_server(pki_dir: Path, listen: str, max_workers: int = 16) -> tuple[gr
 
 @contextmanager
 def secure_channel(target: str, identity_dir: Path) -> Iterator[grpc.Channel]:
-    """A mutual-TLS channel to the coordinator, closed on exit."""
+    """A mutual-TLS channel to the coordinator, closed on exit; checks the identity files first."""
+    from protocol.diagnose import check_identity  # local: diagnose builds on this module
+
+    check_identity(identity_dir)
     tls = client_tls(identity_dir)
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
                                          certificate_chain=tls.cert)
@@ -104,6 +108,12 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
     return names[0].decode() if names else None
 
 
+def _retryable(err: grpc.RpcError) -> bool:
+    # A failed TLS handshake is reported as UNAVAILABLE, but a certificate problem never heals by waiting.
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    return err.code() in RETRYABLE and not any(m in details.lower() for m in TLS_FAILURES)
+
+
 def with_retry(call: Callable[[], T], attempts: int = 6, base_s: float = 0.25, cap_s: float = 8.0,
                sleep: Callable[[float], None] = time.sleep) -> T:
     """Runs ``call``, retrying UNAVAILABLE/DEADLINE_EXCEEDED with capped, jittered backoff."""
@@ -111,7 +121,7 @@ def with_retry(call: Callable[[], T], attempts: int = 6, base_s: float = 0.25, c
         try:
             return call()
         except grpc.RpcError as err:
-            if err.code() not in RETRYABLE or attempt == attempts - 1:
+            if not _retryable(err) or attempt == attempts - 1:
                 raise
             sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
     raise AssertionError("unreachable")

@@ -137,9 +137,12 @@ def tensor_from_bytes(dtype_name: str, shape: Iterable[int], data: bytes) -> tor
 
 def file_chunks(path: Path, name: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[FileChunk]:
     """Streams a file; the last chunk carries the SHA-256 of the whole file."""
-    data = path.read_bytes()
+    return bytes_chunks(name or path.name, path.read_bytes(), chunk_bytes)
+
+
+def bytes_chunks(name: str, data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[FileChunk]:
+    """Streams in-memory file contents like :func:`file_chunks`."""
     total, digest = len(data), hashlib.sha256(data).hexdigest()
-    name = name or path.name
     for offset in range(0, max(total, 1), chunk_bytes):
         piece = data[offset:offset + chunk_bytes]
         last = offset + chunk_bytes >= total

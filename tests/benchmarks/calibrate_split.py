@@ -225,7 +225,8 @@ def write_reports(res: dict, json_path: Path, md_path: Path) -> None:
              f"zero-shot accuracy **{zs.get('acc', float('nan')):.4f}**. Train: batch {res['batch']}, "
              f"<= {res['max_len']} tokens, AdamW, fp32, 1 CPU thread. Eval pass: {zs.get('eval_s', 0):.0f} s. "
              "p = exact McNemar/sign test on discordant rows (W/L = rows fixed/broken vs zero-shot).", "",
-             "| config | K | targets | r | lr | warmup | clip | sched | steps | seed | acc | Δ vs zero-shot | W/L | p | final loss | s/step |",
+             "| config | K | targets | r | lr | warmup | clip | sched | steps | seed | acc | Δ vs zero-shot | W/L | p "
+             "| final loss | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         c = r["config"]

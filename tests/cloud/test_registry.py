@@ -1,4 +1,5 @@
 import json
+import sqlite3
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from safetensors.torch import save_file
 
 from cloud.errors import InvalidArgument, NotFound
 from cloud.registry import AdapterRegistry
+from cloud.vault import CorruptArtifactError, Vault, atomic_write
 from protocol.types import AdapterMeta
 
 
@@ -23,8 +25,9 @@ def test_owners_only_see_their_own(tmp_path):
     b = reg.add("bob", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "b"))
     assert [m.adapter_id for m in reg.list("alice")] == [a.adapter_id]
     assert a.owner == "alice" and a.size_bytes > 0 and a.created
-    meta, directory = reg.get("alice", a.adapter_id)
-    assert meta == a and (directory / "adapter_model.safetensors").is_file()
+    meta, files = reg.get("alice", a.adapter_id)
+    assert meta == a
+    assert files["adapter_model.safetensors"] == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(NotFound, match="no adapter .* belongs to identity 'alice'"):
         reg.get("alice", b.adapter_id)
     reg.close()
@@ -43,3 +46,60 @@ def test_bad_uploads_are_refused(tmp_path):
     with pytest.raises(InvalidArgument, match="do not parse"):
         reg.add("alice", AdapterMeta(mode="split", base_model="m"), bad)
     assert reg.list("alice") == []
+
+
+def test_files_at_rest_are_encrypted_and_authenticated(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store")
+    a = reg.add("alice", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "a"))
+    b = reg.add("alice", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "b"))
+    sealed = tmp_path / "store" / "adapters" / a.adapter_id / "adapter_config.json.enc"
+    assert b"LORA" not in sealed.read_bytes()  # ciphertext, not the JSON
+    assert (tmp_path / "store" / "store.key").stat().st_mode & 0o777 == 0o600
+    original = sealed.read_bytes()
+    flipped = bytearray(original)
+    flipped[20] ^= 1
+    sealed.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptArtifactError, match="failed authentication"):
+        reg.get("alice", a.adapter_id)
+    sealed.write_bytes(original[:10])
+    with pytest.raises(CorruptArtifactError, match="truncated"):
+        reg.get("alice", a.adapter_id)
+    other = tmp_path / "store" / "adapters" / b.adapter_id / "adapter_config.json.enc"
+    sealed.write_bytes(other.read_bytes())  # a valid file moved under another adapter's name
+    with pytest.raises(CorruptArtifactError):
+        reg.get("alice", a.adapter_id)
+    sealed.write_bytes(original)
+    assert reg.get("alice", a.adapter_id)[1]["adapter_config.json"] == b'{"peft_type": "LORA"}'
+
+
+def test_crash_between_files_and_index_leaves_old_state(tmp_path):
+    store = tmp_path / "store"
+    reg = AdapterRegistry(store)
+    kept = reg.add("alice", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "a"))
+
+    reg._db.close()  # the index becomes unwritable: files land, the row never does
+    with pytest.raises(sqlite3.ProgrammingError):
+        reg.add("alice", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "b"))
+    assert len(list((store / "adapters").iterdir())) == 2  # an orphan directory was left behind
+    again = AdapterRegistry(store)  # restart: the orphan is removed, the committed adapter survives
+    assert [m.adapter_id for m in again.list("alice")] == [kept.adapter_id]
+    assert [d.name for d in (store / "adapters").iterdir()] == [kept.adapter_id]
+
+
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    atomic_write(path, b"old")
+
+    def boom(src, dst):
+        raise OSError("crash before rename")
+    monkeypatch.setattr("cloud.vault.os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+
+
+def test_key_file_with_loose_permissions_is_refused(tmp_path):
+    Vault(tmp_path)
+    (tmp_path / "store.key").chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        Vault(tmp_path)

@@ -11,6 +11,9 @@ class FakeError(grpc.RpcError):
     def code(self):
         return self._code
 
+    def details(self):
+        return "connection refused"
+
 
 def flaky(codes):
     calls = []
@@ -43,3 +46,18 @@ def test_gives_up_after_attempts():
     with pytest.raises(FakeError):
         with_retry(call, attempts=3, sleep=lambda s: None)
     assert len(calls) == 3
+
+
+def test_tls_handshake_failures_are_not_retried():
+    class Handshake(FakeError):
+        def details(self):
+            return "failed to connect to all addresses; last error: Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"
+
+    calls = []
+
+    def call():
+        calls.append(1)
+        raise Handshake(grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(Handshake):
+        with_retry(call, sleep=lambda s: None)
+    assert len(calls) == 1
