@@ -6,6 +6,7 @@ they know nothing of gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,7 +22,7 @@ from cloud.conversation import Answer, Callout, CalloutFn, Conversation, Finishe
 from cloud.dlora import DloraBackbone, EdgeSiteExchange
 from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
-from cloud.sessions import Session, SessionManager
+from cloud.sessions import Session, SessionLog, SessionManager
 from cloud.vault import CorruptArtifactError
 from emulator.arch import arch_for, hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
@@ -82,7 +83,8 @@ class Coordinator:
         self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
         self.sessions = SessionManager()
-        self.registry = AdapterRegistry(store)
+        self.registry = AdapterRegistry(store)  # creates the store directory
+        self.session_log = SessionLog(store / "sessions.sqlite")
         self._backends: dict[int, SplitBackend] = {}
         self._backend_lock = threading.Lock()
         self.backend(default_edge_layers)  # fail at start-up, not at the first client, on a bad K
@@ -105,6 +107,21 @@ class Coordinator:
             return self._backends[edge_layers]
 
     def open_session(self, owner: str, request: OpenSessionRequest) -> SessionInfo:
+        info = self._open(owner, request)
+        self.session_log.record(info.session_id, owner, dataclasses.asdict(request))
+        return info
+
+    def session(self, owner: str, session_id: str) -> Session:
+        """A session of ``owner``; one opened before a restart is rebuilt from the session log."""
+        if self.sessions.find(session_id) is None:
+            logged = self.session_log.lookup(session_id)
+            if logged is not None and logged[0] == owner:
+                request = OpenSessionRequest(**{k: tuple(v) if isinstance(v, list) else v
+                                                for k, v in logged[1].items()})
+                self._open(owner, request, session_id)
+        return self.sessions.get(owner, session_id)
+
+    def _open(self, owner: str, request: OpenSessionRequest, session_id: str | None = None) -> SessionInfo:
         if request.mode not in MODES:
             raise InvalidArgument(f"mode {request.mode!r} is not served here (served: {', '.join(MODES)})")
         backend = self.backend(request.edge_layers or self.default_edge_layers)
@@ -114,9 +131,9 @@ class Coordinator:
             names = tuple(site.name for site in flatten(groups))
             assert isinstance(backend.runner.segment, BlockStack)
             runner = DloraBackbone(backend.runner.segment, groups)
-            session = self.sessions.open(owner, request.mode, plan, runner, names)
+            session = self.sessions.open(owner, request.mode, plan, runner, names, session_id)
             return SessionInfo(session.session_id, backend.info, names)
-        session = self.sessions.open(owner, request.mode, plan, backend.runner)
+        session = self.sessions.open(owner, request.mode, plan, backend.runner, session_id=session_id)
         return SessionInfo(session.session_id, backend.info)
 
     def _remote_sites(self, plan: SplitPlan, targets: tuple[str, ...]) -> list[SiteGroup]:
@@ -170,7 +187,7 @@ class Coordinator:
         try:
             for message in messages:
                 if session is None:
-                    session = self.sessions.get(owner, message.session_id)
+                    session = self.session(owner, message.session_id)
                 elif message.session_id != session.session_id:
                     raise InvalidArgument("a training stream serves one session; open a new stream")
                 if message.tensor is None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cloud.backbone import BackboneRunner, PendingBackward
 from cloud.dlora import DloraBackbone
@@ -39,15 +42,19 @@ class SessionManager:
         self._lock = threading.Lock()
 
     def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner | DloraBackbone,
-             remote_sites: tuple[str, ...] = ()) -> Session:
-        session = Session("se-" + uuid.uuid4().hex[:16], owner, mode, plan, runner, remote_sites=remote_sites)
+             remote_sites: tuple[str, ...] = (), session_id: str | None = None) -> Session:
+        session_id = session_id or "se-" + uuid.uuid4().hex[:16]
+        session = Session(session_id, owner, mode, plan, runner, remote_sites=remote_sites)
         with self._lock:
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, owner: str, session_id: str) -> Session:
+    def find(self, session_id: str) -> Session | None:
         with self._lock:
-            session = self._sessions.get(session_id)
+            return self._sessions.get(session_id)
+
+    def get(self, owner: str, session_id: str) -> Session:
+        session = self.find(session_id)
         if session is None or session.owner != owner:
             raise NotFound(f"no session {session_id!r} belongs to identity {owner!r}; open a new one")
         return session
@@ -55,3 +62,30 @@ class SessionManager:
     def count(self, owner: str | None = None) -> int:
         with self._lock:
             return sum(1 for s in self._sessions.values() if owner is None or s.owner == owner)
+
+
+class SessionLog:
+    """Durable record of opened sessions (``store/sessions.sqlite``): who opened what, so that a
+    restarted coordinator rebuilds a session when its edge reconnects."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS sessions (session_id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+                         "request TEXT NOT NULL, created REAL NOT NULL)")
+        self._lock = threading.Lock()
+
+    def record(self, session_id: str, owner: str, request: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                             (session_id, owner, json.dumps(request), time.time()))
+
+    def lookup(self, session_id: str) -> tuple[str, dict] | None:
+        with self._lock:
+            row = self._db.execute("SELECT owner, request FROM sessions WHERE session_id = ?",
+                                   (session_id,)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    def close(self) -> None:
+        self._db.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(run: Path, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: Checkpoint) -> None:
     """Writes a checkpoint of ``params`` (trainable tensors by name) and the optimizer after ``state.step``."""
     directory = run / CHECKPOINT
@@ -64,6 +65,12 @@ def save_checkpoint(run: Path, params: dict[str, torch.Tensor], optimizer: torch
         os.close(fd)
 
 
+def peek_checkpoint(run: Path) -> Checkpoint | None:
+    """The saved state of ``run``'s checkpoint without loading weights (``None`` when there is none)."""
+    path = run / CHECKPOINT / "state.json"
+    return Checkpoint(**json.loads(path.read_text())) if path.is_file() else None
+
+
 def load_checkpoint(run: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     scheduler: Any, settings: dict[str, Any]) -> Checkpoint:
     """Restores ``params``, optimizer, scheduler and RNG from ``run``; returns the saved state.
@@ -75,8 +82,7 @@ def load_checkpoint(run: Path, params: dict[str, torch.nn.Parameter], optimizer:
     if not (directory / "state.json").is_file():
         raise CheckpointError(f"{directory}: no checkpoint to resume from (was --checkpoint-every 0?)")
     state = Checkpoint(**json.loads((directory / "state.json").read_text()))
-    changed = sorted(k for k in settings if k in state.settings and state.settings[k] != settings[k]
-                     and k not in ("resume", "out", "threads", "cloud"))
+    changed = sorted(k for k in settings if k in state.settings and state.settings[k] != settings[k])
     if changed:
         raise CheckpointError(f"{directory}: saved with other settings ({', '.join(changed)}); resume with the "
                               "same flags as the interrupted run")

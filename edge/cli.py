@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from edge.checkpoint import CheckpointError
 from edge.client import CloudCallError, CloudClient
 from edge.data import DataError, load_eval, parse_eval
 from edge.dlora import load_dlora_adapter
@@ -34,7 +35,7 @@ from protocol.channel import CredentialError, secure_channel
 from protocol.diagnose import diagnose_connection
 
 DEFAULT_WIRE = {"split": "float32", "dlora": "int8"}  # from docs/dlora_benchmark.md
-USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError)
+USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError, CheckpointError)
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__
     t.add_argument("--data", type=Path, required=True, help="training JSONL (prompt/completion or text)")
     t.add_argument("--eval", type=Path, help="evaluation JSONL (prompt/choices/answer)")
-    t.add_argument("--out", type=Path, required=True, help="run directory (adapter/, metrics.json)")
+    t.add_argument("--out", type=Path, help="run directory (adapter/, metrics.json, checkpoint/)")
+    t.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the interrupted run in RUN from its last checkpoint (same flags otherwise)")
+    t.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"].default,
+                   help="steps between checkpoints (0: none)")
+    t.add_argument("--retries", type=int, default=d["retries"].default,
+                   help="attempts per step while the cloud is unreachable")
     t.add_argument("--mode", default="split", choices=list(MODES),
                    help="split: LoRA on the edge-held blocks; dlora: LoRA on every block, all kept on the edge")
     t.add_argument("--steps", type=int, default=d["steps"].default)
@@ -101,16 +108,20 @@ def _train(args: argparse.Namespace) -> None:
     raw = args.lora_targets if args.lora_targets is not None else ("all" if args.mode == "split" else "")
     targets = tuple(t for t in raw.split(",") if t)
     wire = args.wire_dtype or DEFAULT_WIRE[args.mode]
+    out = args.resume or args.out
+    if out is None:
+        raise ConfigError("give --out RUN (or --resume RUN to continue an interrupted run)")
     cfg = TrainConfig(
-        cloud=args.cloud, identity=args.identity, data=args.data, out=args.out, eval=args.eval,
+        cloud=args.cloud, identity=args.identity, data=args.data, out=out, eval=args.eval,
         mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip, edge_layers=args.edge_layers,
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=wire,
         eval_batch=args.eval_batch, seed=args.seed, threads=args.threads,
-        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema), eval_before=not args.no_eval_before)
+        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema), eval_before=not args.no_eval_before,
+        checkpoint_every=args.checkpoint_every, resume=args.resume is not None, retries=args.retries)
     metrics = train(cfg)
-    print(f"adapter {metrics.adapter_id} registered; files in {args.out / 'adapter'}, "
-          f"metrics in {args.out / 'metrics.json'}")
+    print(f"adapter {metrics.adapter_id} registered; files in {out / 'adapter'}, "
+          f"metrics in {out / 'metrics.json'}")
 
 
 def _eval(args: argparse.Namespace) -> None:

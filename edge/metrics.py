@@ -53,6 +53,14 @@ class StepRecord:
         row.update(self.traffic.as_dict())
         return row
 
+    def as_record(self) -> dict[str, Any]:
+        """Lossless form for checkpoints (see :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> StepRecord:
+        return cls(**{**row, "traffic": Traffic(**row["traffic"])})
+
 
 @dataclass
 class RunMetrics:

@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from edge.client import CloudClient
+from edge.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, peek_checkpoint, save_checkpoint
+from edge.client import CloudCallError, CloudClient
 from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
 from edge.dlora import DloraMiddle, LoraModules, SiteServer, plan_bank_sites
 from edge.kill_revive import KillRevive, KillReviveConfig
 from edge.metrics import FlopMeter, RunMetrics, StepRecord
 from edge.module_report import ModuleTally, module_rows, write_plot
-from edge.split import MiddleLink, RemoteMiddle, score_examples, split_step
+from edge.progress import progress_state, restore_progress
+from edge.split import MiddleLink, RemoteMiddle, StepOutput, score_examples, split_step
 from emulator.bundle import load_edge_model
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, peft_config, save_adapter
 from emulator.lora_bank import LoraBank
 from emulator.models import load_tokenizer
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
-from protocol.channel import secure_channel
+from protocol.channel import RETRYABLE, secure_channel
 from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
 from protocol.types import AdapterMeta, SessionInfo
 
@@ -64,6 +70,9 @@ class TrainConfig:
     threads: int = 0
     kr: KillReviveConfig = field(default_factory=KillReviveConfig)
     eval_before: bool = True
+    checkpoint_every: int = 50  # steps between checkpoints in RUN/checkpoint (0: none)
+    resume: bool = False  # continue from RUN/checkpoint
+    retries: int = 8  # attempts per step when the cloud is unreachable (capped, jittered backoff)
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,6 +87,10 @@ class TrainConfig:
                 problems.append(f"{name} {value}: must be at least 1")
         if self.seq_len < 2:
             problems.append(f"--seq-len {self.seq_len}: must be at least 2")
+        if self.checkpoint_every < 0 or self.retries < 1:
+            problems.append("--checkpoint-every must be >= 0 and --retries >= 1")
+        if self.resume and not (self.out / CHECKPOINT / "state.json").is_file():
+            problems.append(f"--resume {self.out}: no checkpoint there ({self.out / CHECKPOINT} is missing)")
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be positive")
         if WIRE_ALIASES.get(self.wire_dtype, self.wire_dtype) not in WIRE_DTYPES:
@@ -163,12 +176,21 @@ def train(cfg: TrainConfig) -> RunMetrics:
         model = add_lora(es.model, cfg.lora, spec)
         link: RemoteMiddle | DloraMiddle = dlora_link(es, cfg.lora, cfg.wire_dtype) if cfg.mode == "dlora" else es.link
         modules = LoraModules(model, spec, link.server if isinstance(link, DloraMiddle) else None)
-        if eval_data is not None and cfg.eval_before:
+        resumed = peek_checkpoint(cfg.out) if cfg.resume else None
+        if resumed is not None:
+            metrics.eval_accuracy_before = resumed.extra.get("eval_accuracy_before")
+            print(f"[edgetune] resuming {cfg.out} after step {resumed.step}")
+        elif eval_data is not None and cfg.eval_before:
             metrics.eval_rows = len(eval_data.examples)
             metrics.eval_accuracy_before = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
                                                     metrics.eval, "eval before")
             print(f"[edgetune] eval accuracy before: {metrics.eval_accuracy_before:.4f}")
-        metrics.steps, tally, kr = _train_loop(model, link, modules, train_data, es.pad_id, cfg)
+        def reconnect() -> None:  # a fresh stream on the same session (the cloud may have restarted)
+            assert es.info is not None
+            link.stream = client.train_stream(es.info)
+
+        extra = {"eval_accuracy_before": metrics.eval_accuracy_before, "session_id": link.stream.session_id}
+        metrics.steps, tally, kr = _train_loop(model, link, modules, train_data, es.pad_id, cfg, reconnect, extra)
         for record in metrics.steps:
             metrics.train.add(record.traffic)
         metrics.modules = module_rows(tally, kr, link.ledger if isinstance(link, DloraMiddle) else None)
@@ -178,18 +200,45 @@ def train(cfg: TrainConfig) -> RunMetrics:
             metrics.eval_accuracy_after = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
                                                    metrics.eval, "eval after")
             print(f"[edgetune] eval accuracy after: {metrics.eval_accuracy_after:.4f}")
-        es.link.stream.close()
+        link.stream.close()
         adapter_dir = cfg.out / "adapter"
         _save_adapter(adapter_dir, model, link, cfg.lora, es.model_name)
         metrics.wall_s = time.perf_counter() - start
         summary = {k: v for k, v in metrics.as_dict().items() if k not in ("per_step", "settings", "per_module")}
         meta = client.register_adapter(adapter_dir, AdapterMeta(mode=cfg.mode, base_model=es.model_name,
-                                                                session_id=es.link.stream.session_id,
+                                                                session_id=link.stream.session_id,
                                                                 metrics_json=json.dumps(summary)))
     metrics.adapter_id = meta.adapter_id
     metrics.write(cfg.out / "metrics.json")
     write_plot(metrics.steps, cfg.out / "metrics.png", f"{cfg.mode}: active LoRA modules and bytes per step")
     return metrics
+
+
+def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must agree with to be resumed (paths and threads may differ)."""
+    keep = ("mode", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "clip", "edge_layers",
+            "lora", "wire_dtype", "seed", "kr")
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}, default=str))
+
+
+def _resilient_step(run: Callable[[], StepOutput], flops: FlopMeter, optimizer: torch.optim.Optimizer,
+                    reconnect: Callable[[], None] | None, attempts: int) -> StepOutput:
+    """Runs one step; if the cloud is unreachable, waits (capped, jittered backoff), reconnects to the
+    same session and runs the whole step again from clean gradients, so the result is unchanged."""
+    for attempt in range(attempts):
+        try:
+            with flops.measure():
+                return run()
+        except CloudCallError as err:
+            if err.code not in RETRYABLE or attempt == attempts - 1:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            delay = random.uniform(0.5, min(10.0, 0.5 * 2**attempt))
+            print(f"[edgetune] cloud unreachable ({err.code.name}); retrying the step in {delay:.1f} s", flush=True)
+            time.sleep(delay)
+            if reconnect is not None:
+                reconnect()
+    raise AssertionError("unreachable")
 
 
 def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings: LoraSettings,
@@ -204,23 +253,33 @@ def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings:
 
 
 def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: Dataset, pad_id: int,
-                cfg: TrainConfig) -> tuple[list[StepRecord], ModuleTally, KillRevive]:
-    params = [p for name in modules.names for p in modules.parameters(name)]
+                cfg: TrainConfig, reconnect: Callable[[], None] | None = None,
+                extra: dict[str, Any] | None = None) -> tuple[list[StepRecord], ModuleTally, KillRevive]:
+    extra = extra or {}
+    named = {f"{name}#{i}": p for name in modules.names for i, p in enumerate(modules.parameters(name))}
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
-    batches = train_batches(data, cfg.batch_size, pad_id, cfg.seed)
     kr, tally = KillRevive(modules.names, cfg.kr), ModuleTally(modules, cfg.lora.rank)
-    flops, records = FlopMeter(), []
+    flops, records, done = FlopMeter(), [], 0
+    settings = _resume_settings(cfg)
+    if cfg.resume:
+        state = load_checkpoint(cfg.out, named, optimizer, scheduler, settings)
+        done, records = state.step, [StepRecord.from_dict(r) for r in state.records]
+        restore_progress(kr, tally, state.extra)
+    batches = train_batches(data, cfg.batch_size, pad_id, cfg.seed)
+    for _ in range(done):  # the data position: the same batches in the same order as an unbroken run
+        next(batches)
     model.train()
-    with tqdm(range(1, cfg.steps + 1), desc="train", unit="step") as bar:
+    with tqdm(range(done + 1, cfg.steps + 1), desc="train", unit="step", initial=done, total=cfg.steps) as bar:
         for step in bar:
             plan = kr.plan(step)
             modules.set_active(plan.active)
             input_ids, labels = next(batches)
             traffic, t0 = Traffic(), time.perf_counter()
-            with flops.measure():
-                out = split_step(model, link, step, input_ids, labels, traffic)
+            out = _resilient_step(partial(split_step, model, link, step, input_ids, labels, traffic),
+                                  flops, optimizer, reconnect, cfg.retries if reconnect else 1)
             kr.observe(step, plan, modules.grad_norms())
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -233,5 +292,9 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
                                       len(plan.active), traffic.round_trips - 2, tally.add(plan.active, tokens),
                                       plan.probe))
             bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tokens / wall:.0f}", active=len(plan.active))
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                save_checkpoint(cfg.out, named, optimizer, scheduler, Checkpoint(
+                    step, str(extra.get("session_id", "")), settings, {**extra, **progress_state(kr, tally)},
+                    [r.as_record() for r in records]))
     modules.set_active(frozenset(modules.names))  # inference, like the saved adapter, computes every module
     return records, tally, kr

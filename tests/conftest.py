@@ -58,13 +58,13 @@ class Cloud:
 
 
 def start_cloud(model: str, pki_dir: Path, store: Path, extra: list[str] | None = None,
-                env: dict[str, str] | None = None, timeout: float = 180) -> Cloud:
+                env: dict[str, str] | None = None, timeout: float = 180, listen: str = "127.0.0.1:0") -> Cloud:
     """Starts ``edgetune-cloud serve`` as a separate process on an ephemeral loopback port."""
     store.mkdir(parents=True, exist_ok=True)
     port_file, log = store / "port", store / "cloud.log"
     port_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "cloud.cli", "serve", "--model", model, "--pki", str(pki_dir),
-           "--listen", "127.0.0.1:0", "--store", str(store), "--port-file", str(port_file),
+           "--listen", listen, "--store", str(store), "--port-file", str(port_file),
            "--threads", "1", *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
