@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -116,8 +117,8 @@ class Coordinator:
         if self.sessions.find(session_id) is None:
             logged = self.session_log.lookup(session_id)
             if logged is not None and logged[0] == owner:
-                request = OpenSessionRequest(**{k: tuple(v) if isinstance(v, list) else v
-                                                for k, v in logged[1].items()})
+                fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in logged[1].items()}
+                request = OpenSessionRequest(**fields)
                 self._open(owner, request, session_id)
         return self.sessions.get(owner, session_id)
 
