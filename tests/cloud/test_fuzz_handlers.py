@@ -39,7 +39,7 @@ def chunk_strategy():
 def message_strategy(valid_session):
     return st.builds(
         pb.EdgeMessage, session_id=st.one_of(st.just(valid_session), st.text(max_size=12)),
-        step=st.integers(0, 2**63), phase=st.integers(0, 8), tensor=st.one_of(st.none(), chunk_strategy()))
+        step=st.integers(0, 2**63), phase=st.integers(0, 11), tensor=st.one_of(st.none(), chunk_strategy()))
 
 
 def well_formed(session_id, step, phase, shape):
@@ -54,7 +54,8 @@ def streams(draw, session_id):
         if draw(st.booleans()):
             parts.append(draw(message_strategy(session_id)))
         else:  # a plausible message with one field broken, to get past the first checks
-            phase = draw(st.sampled_from([Phase.FORWARD_TRAIN, Phase.FORWARD_EVAL, Phase.BACKWARD]))
+            phase = draw(st.sampled_from([Phase.FORWARD_TRAIN, Phase.FORWARD_EVAL, Phase.BACKWARD, Phase.SITE_OUTPUT,
+                                          Phase.SITE_GRAD_INPUT]))
             shape = draw(st.sampled_from([(1, 3, 32), (2, 5, 32), (1, 3, 31), (0, 3, 32), (1, 200, 32)]))
             parts.extend(well_formed(session_id, draw(st.integers(0, 3)), phase, shape))
     return parts
@@ -71,11 +72,12 @@ def drive(coordinator, owner, messages):
         pass  # a clear refusal is the expected outcome for garbage
 
 
-def test_handler_survives_generated_streams(coordinator):
-    session = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+@pytest.mark.parametrize("mode", ["split", "dlora"])
+def test_handler_survives_generated_streams(coordinator, mode):
+    session = coordinator.open_session("alice", OpenSessionRequest(mode)).session_id
     seen = []
 
-    @settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=CASES if mode == "split" else CASES // 2, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(data=st.data())
     def case(data):
         messages = data.draw(streams(session))
@@ -83,7 +85,9 @@ def test_handler_survives_generated_streams(coordinator):
         drive(coordinator, data.draw(st.sampled_from(["alice", "bob"])), messages)
 
     case()
-    assert len(seen) >= 1000
+    assert len(seen) >= (1000 if mode == "split" else 500)
+    if mode == "dlora":
+        return  # a dlora step needs the edge to answer its site call-outs; covered over mTLS elsewhere
     # The session still works after all that: a normal forward/backward step round-trips.
     replies = list(coordinator.train("alice", (serde.edge_message_from_proto(m) for m in
                                                 well_formed(session, 9, Phase.FORWARD_TRAIN, (1, 4, 32))
