@@ -77,7 +77,8 @@ def test_handler_survives_generated_streams(coordinator, mode):
     session = coordinator.open_session("alice", OpenSessionRequest(mode)).session_id
     seen = []
 
-    @settings(max_examples=CASES if mode == "split" else CASES // 2, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=CASES if mode == "split" else CASES // 2, deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
     @given(data=st.data())
     def case(data):
         messages = data.draw(streams(session))
