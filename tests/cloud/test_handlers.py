@@ -69,3 +69,14 @@ def test_bad_mode_and_depth(coordinator):
         coordinator.open_session("alice", OpenSessionRequest("federated"))
     with pytest.raises(InvalidArgument, match="leaves no middle"):
         coordinator.open_session("alice", OpenSessionRequest("split", 3))
+
+
+def test_sessions_survive_a_restart_for_their_owner_only(tiny_dirs, tmp_path):
+    model = load_causal_lm(tiny_dirs["llama"])
+    first = Coordinator("tiny", tiny_dirs["llama"], model, tmp_path, 2)
+    sid = first.open_session("alice", OpenSessionRequest("split")).session_id
+    restarted = Coordinator("tiny", tiny_dirs["llama"], model, tmp_path, 2)  # same store, empty memory
+    with pytest.raises(NotFound, match="identity 'bob'"):
+        run(restarted, "bob", messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(1, 3, 32)))
+    replies = run(restarted, "alice", messages(sid, 1, Phase.FORWARD_EVAL, torch.randn(1, 3, 32)))
+    assert [p for p, _ in replies] == [Phase.ACTIVATION]
