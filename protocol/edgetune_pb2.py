@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocol/edgetune.proto\x12\x0b\x65\x64getune.v1\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9a\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x65\x64ge_layers\x18\x05 \x01(\x05\x12\x11\n\tbundle_id\x18\x06 \x01(\t\x12\x14\n\x0c\x62undle_bytes\x18\x07 \x01(\x04\"7\n\x12OpenSessionRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ge_layers\x18\x02 \x01(\x05\"H\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.ModelInfo\"\'\n\x12\x46\x65tchBundleRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"|\n\x0b\x45\x64geMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x05phase\x18\x03 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\"|\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"\xa1\x01\n\x0b\x41\x64\x61pterMeta\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\"]\n\rAdapterUpload\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.edgetune.v1.AdapterMeta\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.FileChunk\"\x15\n\x13ListAdaptersRequest\"?\n\x11ListAdaptersReply\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.edgetune.v1.AdapterMeta\"(\n\x12PullAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*o\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rFORWARD_TRAIN\x10\x01\x12\x10\n\x0c\x46ORWARD_EVAL\x10\x02\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x03\x12\x0e\n\nACTIVATION\x10\x04\x12\x0c\n\x08GRADIENT\x10\x05\x32\xca\x03\n\x0b\x43oordinator\x12H\n\x0bOpenSession\x12\x1f.edgetune.v1.OpenSessionRequest\x1a\x18.edgetune.v1.SessionInfo\x12H\n\x0b\x46\x65tchBundle\x12\x1f.edgetune.v1.FetchBundleRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12@\n\x05Train\x12\x18.edgetune.v1.EdgeMessage\x1a\x19.edgetune.v1.CloudMessage(\x01\x30\x01\x12I\n\x0fRegisterAdapter\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x12P\n\x0cListAdapters\x12 .edgetune.v1.ListAdaptersRequest\x1a\x1e.edgetune.v1.ListAdaptersReply\x12H\n\x0bPullAdapter\x12\x1f.edgetune.v1.PullAdapterRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocol/edgetune.proto\x12\x0b\x65\x64getune.v1\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xcf\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x65\x64ge_layers\x18\x05 \x01(\x05\x12\x11\n\tbundle_id\x18\x06 \x01(\t\x12\x14\n\x0c\x62undle_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x65mulator_layers\x18\x08 \x01(\x05\x12\x1a\n\x12\x65mulator_distilled\x18\t \x01(\x08\"P\n\x12OpenSessionRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ge_layers\x18\x02 \x01(\x05\x12\x17\n\x0f\x65mulator_layers\x18\x03 \x01(\x05\"H\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.ModelInfo\"\'\n\x12\x46\x65tchBundleRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"|\n\x0b\x45\x64geMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x05phase\x18\x03 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\"|\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"\xd6\x01\n\x0b\x41\x64\x61pterMeta\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\x05\x12\x14\n\x0cnum_examples\x18\x0b \x01(\x04\"]\n\rAdapterUpload\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.edgetune.v1.AdapterMeta\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.FileChunk\"\x15\n\x13ListAdaptersRequest\"?\n\x11ListAdaptersReply\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.edgetune.v1.AdapterMeta\"(\n\x12PullAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"3\n\x0cRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\x05\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x90\x01\n\tRoundTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x04 \x01(\x05\x12\x19\n\x11global_adapter_id\x18\x05 \x01(\t\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01*o\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rFORWARD_TRAIN\x10\x01\x12\x10\n\x0c\x46ORWARD_EVAL\x10\x02\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x03\x12\x0e\n\nACTIVATION\x10\x04\x12\x0c\n\x08GRADIENT\x10\x05\x32\xd2\x04\n\x0b\x43oordinator\x12H\n\x0bOpenSession\x12\x1f.edgetune.v1.OpenSessionRequest\x1a\x18.edgetune.v1.SessionInfo\x12H\n\x0b\x46\x65tchBundle\x12\x1f.edgetune.v1.FetchBundleRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12@\n\x05Train\x12\x18.edgetune.v1.EdgeMessage\x1a\x19.edgetune.v1.CloudMessage(\x01\x30\x01\x12I\n\x0fRegisterAdapter\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x12P\n\x0cListAdapters\x12 .edgetune.v1.ListAdaptersRequest\x1a\x1e.edgetune.v1.ListAdaptersReply\x12H\n\x0bPullAdapter\x12\x1f.edgetune.v1.PullAdapterRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12>\n\tNextRound\x12\x19.edgetune.v1.RoundRequest\x1a\x16.edgetune.v1.RoundTask\x12\x46\n\x0cSubmitUpdate\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.edgetune_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1214
-  _globals['_PHASE']._serialized_end=1325
+  _globals['_PHASE']._serialized_start=1545
+  _globals['_PHASE']._serialized_end=1656
   _globals['_TENSORCHUNK']._serialized_start=40
   _globals['_TENSORCHUNK']._serialized_end=148
   _globals['_FILECHUNK']._serialized_start=150
   _globals['_FILECHUNK']._serialized_end=242
   _globals['_MODELINFO']._serialized_start=245
-  _globals['_MODELINFO']._serialized_end=399
-  _globals['_OPENSESSIONREQUEST']._serialized_start=401
-  _globals['_OPENSESSIONREQUEST']._serialized_end=456
-  _globals['_SESSIONINFO']._serialized_start=458
-  _globals['_SESSIONINFO']._serialized_end=530
-  _globals['_FETCHBUNDLEREQUEST']._serialized_start=532
-  _globals['_FETCHBUNDLEREQUEST']._serialized_end=571
-  _globals['_EDGEMESSAGE']._serialized_start=573
-  _globals['_EDGEMESSAGE']._serialized_end=697
-  _globals['_CLOUDMESSAGE']._serialized_start=699
-  _globals['_CLOUDMESSAGE']._serialized_end=823
-  _globals['_ADAPTERMETA']._serialized_start=826
-  _globals['_ADAPTERMETA']._serialized_end=987
-  _globals['_ADAPTERUPLOAD']._serialized_start=989
-  _globals['_ADAPTERUPLOAD']._serialized_end=1082
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1084
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1105
-  _globals['_LISTADAPTERSREPLY']._serialized_start=1107
-  _globals['_LISTADAPTERSREPLY']._serialized_end=1170
-  _globals['_PULLADAPTERREQUEST']._serialized_start=1172
-  _globals['_PULLADAPTERREQUEST']._serialized_end=1212
-  _globals['_COORDINATOR']._serialized_start=1328
-  _globals['_COORDINATOR']._serialized_end=1786
+  _globals['_MODELINFO']._serialized_end=452
+  _globals['_OPENSESSIONREQUEST']._serialized_start=454
+  _globals['_OPENSESSIONREQUEST']._serialized_end=534
+  _globals['_SESSIONINFO']._serialized_start=536
+  _globals['_SESSIONINFO']._serialized_end=608
+  _globals['_FETCHBUNDLEREQUEST']._serialized_start=610
+  _globals['_FETCHBUNDLEREQUEST']._serialized_end=649
+  _globals['_EDGEMESSAGE']._serialized_start=651
+  _globals['_EDGEMESSAGE']._serialized_end=775
+  _globals['_CLOUDMESSAGE']._serialized_start=777
+  _globals['_CLOUDMESSAGE']._serialized_end=901
+  _globals['_ADAPTERMETA']._serialized_start=904
+  _globals['_ADAPTERMETA']._serialized_end=1118
+  _globals['_ADAPTERUPLOAD']._serialized_start=1120
+  _globals['_ADAPTERUPLOAD']._serialized_end=1213
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1215
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1236
+  _globals['_LISTADAPTERSREPLY']._serialized_start=1238
+  _globals['_LISTADAPTERSREPLY']._serialized_end=1301
+  _globals['_PULLADAPTERREQUEST']._serialized_start=1303
+  _globals['_PULLADAPTERREQUEST']._serialized_end=1343
+  _globals['_ROUNDREQUEST']._serialized_start=1345
+  _globals['_ROUNDREQUEST']._serialized_end=1396
+  _globals['_ROUNDTASK']._serialized_start=1399
+  _globals['_ROUNDTASK']._serialized_end=1543
+  _globals['_COORDINATOR']._serialized_start=1659
+  _globals['_COORDINATOR']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)
