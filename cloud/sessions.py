@@ -20,7 +20,7 @@ class Session:
     owner: str
     mode: str
     plan: SplitPlan
-    runner: BackboneRunner
+    runner: BackboneRunner | None  # None for offsite sessions: the edge trains without the middle
     created: float = field(default_factory=time.time)
     pending_step: int | None = None
     pending: PendingBackward | None = None
@@ -36,7 +36,7 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner) -> Session:
+    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner | None) -> Session:
         session = Session("se-" + uuid.uuid4().hex[:16], owner, mode, plan, runner)
         with self._lock:
             self._sessions[session.session_id] = session
