@@ -11,7 +11,8 @@ import torch
 
 from edge.client import CloudCallError, CloudClient
 from edge.data import DataError, load_eval, parse_eval
-from edge.train import ConfigError, TrainConfig, evaluate, open_edge_session, train
+from edge.offsite import evaluate_offsite, train_offsite
+from edge.train import MODES, TUNES, ConfigError, TrainConfig, evaluate, open_edge_session, train
 from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, load_into_segments
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
@@ -34,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, help="training JSONL (prompt/completion or text)")
     t.add_argument("--eval", type=Path, help="evaluation JSONL (prompt/choices/answer)")
     t.add_argument("--out", type=Path, required=True, help="run directory (adapter/, metrics.json)")
-    t.add_argument("--mode", default="split", choices=["split"])
+    t.add_argument("--mode", default="split", choices=list(MODES),
+                   help="split: the cloud runs the middle every step; offsite: train offline against an emulator")
+    t.add_argument("--tune", default="lora", choices=list(TUNES),
+                   help="offsite: LoRA on the adapter blocks, or full tuning of the adapter blocks")
+    t.add_argument("--emulator-layers", type=int, default=0, help="offsite: emulator depth E (0: the cloud's)")
+    t.add_argument("--federated", action="store_true", help="offsite: join the cloud's FedAvg rounds")
     t.add_argument("--steps", type=int, default=d["steps"].default)
     t.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     t.add_argument("--seq-len", type=int, default=d["seq_len"].default)
@@ -54,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _connection(e)
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--adapter", type=Path, help="PEFT adapter directory (default: the base model)")
+    e.add_argument("--mode", default="split", choices=list(MODES),
+                   help="offsite: emulator zero-shot, emulator + adapter, and plug-in by split inference")
     e.add_argument("--edge-layers", type=int, default=0)
+    e.add_argument("--emulator-layers", type=int, default=0)
     e.add_argument("--seq-len", type=int, default=d["seq_len"].default)
     e.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
     ls = sub.add_parser("list", help="list the adapters this identity owns")
@@ -73,13 +82,25 @@ def _train(args: argparse.Namespace) -> None:
         mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip, edge_layers=args.edge_layers,
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=args.wire_dtype,
-        eval_batch=args.eval_batch, seed=args.seed, threads=args.threads)
-    metrics = train(cfg)
+        eval_batch=args.eval_batch, seed=args.seed, threads=args.threads, tune=args.tune,
+        emulator_layers=args.emulator_layers, federated=args.federated)
+    metrics = train_offsite(cfg) if cfg.mode == "offsite" else train(cfg)
     print(f"adapter {metrics.adapter_id} registered; files in {args.out / 'adapter'}, "
           f"metrics in {args.out / 'metrics.json'}")
 
 
+def _eval_offsite(args: argparse.Namespace) -> None:
+    result = evaluate_offsite(args.cloud, args.identity, args.data, args.adapter, args.edge_layers,
+                              args.emulator_layers, args.seq_len, args.eval_batch)
+    print(json.dumps({"eval_emulator_zero_shot": result.emulator_zero_shot,
+                      "eval_emulator_adapter": result.emulator_adapter, "eval_plug_in": result.plug_in,
+                      "eval_rows": result.rows, "eval_bytes_sent": result.traffic.bytes_sent,
+                      "eval_bytes_received": result.traffic.bytes_received}))
+
+
 def _eval(args: argparse.Namespace) -> None:
+    if args.mode == "offsite":
+        return _eval_offsite(args)
     parse_eval(args.data)
     with secure_channel(args.cloud, args.identity) as channel:
         es = open_edge_session(CloudClient(channel), args.edge_layers, "float32")

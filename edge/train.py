@@ -1,4 +1,8 @@
-"""The edge recipes: ``train`` (split mode) and ``evaluate``, each setup -> work -> cleanup."""
+"""The edge recipes: ``train`` (split mode) and ``evaluate``, each setup -> work -> cleanup.
+
+Offsite mode has its own recipe in :mod:`edge.offsite`; it shares :class:`TrainConfig`,
+:func:`evaluate` and :func:`train_loop` with this one.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ class ConfigError(ValueError):
     """Invalid training settings; lists every problem at once."""
 
 
+MODES = ("split", "offsite")
+TUNES = ("lora", "full")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of ``edgetune-edge train``, validated at construction."""
@@ -53,11 +61,20 @@ class TrainConfig:
     eval_batch: int = 32
     seed: int = 0
     threads: int = 0
+    tune: str = "lora"  # offsite: "lora" (LoRA on the adapter blocks) or "full" (the adapter blocks' weights)
+    emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
+    federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
 
     def __post_init__(self) -> None:
         problems = []
-        if self.mode != "split":
-            problems.append(f"--mode {self.mode!r}: only 'split' is available")
+        if self.mode not in MODES:
+            problems.append(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.tune not in TUNES:
+            problems.append(f"--tune {self.tune!r}: choose one of {', '.join(TUNES)}")
+        if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers):
+            problems.append("--tune full, --federated and --emulator-layers need --mode offsite")
+        if self.federated and self.tune != "lora":
+            problems.append("--federated rounds average LoRA adapters; drop --tune full")
         for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
                             ("--lora-rank", self.lora.rank), ("--eval-batch", self.eval_batch)):
             if value < 1:
@@ -139,7 +156,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
             metrics.eval_accuracy_before = evaluate(model, es.link, eval_data, es.pad_id, cfg.eval_batch,
                                                     metrics.eval, "eval before")
             print(f"[edgetune] eval accuracy before: {metrics.eval_accuracy_before:.4f}")
-        metrics.steps = _train_loop(model, es.link, train_data, es.pad_id, cfg)
+        metrics.steps = train_loop(model, es.link, train_data, es.pad_id, cfg)
         for record in metrics.steps:
             metrics.train.add(record.traffic)
         if eval_data is not None:
@@ -159,8 +176,10 @@ def train(cfg: TrainConfig) -> RunMetrics:
     return metrics
 
 
-def _train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, cfg: TrainConfig) -> list[StepRecord]:
-    params = list(lora_parameters(model).values())
+def train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, cfg: TrainConfig,
+               params: list[torch.nn.Parameter] | None = None) -> list[StepRecord]:
+    """``cfg.steps`` optimizer steps of ``params`` (default: the LoRA parameters) through ``link``."""
+    params = params if params is not None else list(lora_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
