@@ -65,6 +65,8 @@ class CloudClient:
     def open_session(self, mode: str, edge_layers: int = 0, emulator_layers: int = 0) -> SessionInfo:
         request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers, emulator_layers))
         reply = _call("OpenSession", lambda: self.stub.OpenSession(request, timeout=600))
+        self.setup.sent(request.ByteSize(), 0)
+        self.setup.received(reply.ByteSize(), 0)
         return serde.session_info_from_proto(reply)
 
     def bundle(self, info: SessionInfo) -> Path:
@@ -76,6 +78,7 @@ class CloudClient:
         try:
             def fetch() -> list[str]:
                 request = pb.FetchBundleRequest(bundle_id=info.model.bundle_id)
+                self.setup.sent(request.ByteSize(), 0)
                 return receive_files(self._count(self.stub.FetchBundle(request), self.setup), tmp)
             _call("FetchBundle", fetch)
             if not target.exists():
