@@ -128,7 +128,8 @@ class Coordinator:
 
     def fetch_bundle(self, owner: str, wanted: str) -> Iterator[FileChunk]:
         """Streams the bundle files; any authenticated client may fetch a bundle."""
-        for backend in [*self._backends.values(), *self._offsite.values()]:
+        backends: list[SplitBackend | OffsiteBackend] = [*self._backends.values(), *self._offsite.values()]
+        for backend in backends:
             if backend.info.bundle_id == wanted:
                 for path in bundle_files(backend.bundle_dir):
                     yield from file_chunks(path)

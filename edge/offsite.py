@@ -17,9 +17,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from edge.client import CloudClient
 from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train
@@ -45,7 +47,7 @@ class OffsiteKit:
 
     edge: EdgeModel
     emulator: BlockStack
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     pad_id: int
     model_name: str
     bundle_meta: dict
@@ -77,7 +79,7 @@ def trainable(kit: OffsiteKit, cfg: TrainConfig) -> tuple[EdgeModel, list[torch.
     """The model to train and its trainable parameters: LoRA (default) or the adapter blocks' weights."""
     torch.manual_seed(cfg.seed)
     if cfg.tune == "lora":
-        model = add_lora(kit.edge, cfg.lora, kit.spec)
+        model = cast(EdgeModel, add_lora(kit.edge, cfg.lora, kit.spec))
         return model, list(lora_parameters(model).values())
     model = copy.deepcopy(kit.edge).requires_grad_(False)
     params = list(block_parameters(model).values())

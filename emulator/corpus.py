@@ -76,11 +76,11 @@ def sampled_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, co
     """``count`` passages of ``length`` tokens sampled from ``model`` (temperature 1, top-k 50)."""
     torch.manual_seed(seed)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    texts = []
+    texts: list[str] = []
     for _ in range(count):
-        out = model.generate(torch.tensor([[bos]]), do_sample=True, top_k=50, max_new_tokens=length,
-                             min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0, 1:], skip_special_tokens=True))
+        out = model.generate(torch.tensor([[bos]]), do_sample=True, top_k=50,  # type: ignore[operator]
+                             max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+        texts.append(str(tokenizer.decode(out[0, 1:], skip_special_tokens=True)))
     return texts
 
 

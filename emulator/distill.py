@@ -88,6 +88,7 @@ def kd_loss(edge: EdgeModel, teacher: BlockStack, student: BlockStack, input_ids
         target = teacher(hidden)
     out = student(hidden)
     features = edge.top.features(out)[:, :-1]
+    assert edge.top.lm_head is not None
     logits = edge.top.lm_head(features).float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
     rms = target.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)

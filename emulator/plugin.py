@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import PeftModel
@@ -98,7 +99,7 @@ def apply_to_edge(edge: EdgeModel, directory: Path, spec: ArchSpec) -> EdgeModel
     comes back added into the block weights.
     """
     if adapter_format(directory) == "lora":
-        model = add_lora(edge, lora_settings_of(directory), spec)
+        model = cast(EdgeModel, add_lora(edge, lora_settings_of(directory), spec))
         load_into_segments(model, load_adapter_state(directory)[0], spec)
         return model
     delta, model = load_delta(directory), copy.deepcopy(edge)
@@ -158,7 +159,7 @@ def export_merged(full: PreTrainedModel, directory: Path, tokenizer_dir: Path, o
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
         return int(weight.shape[1]), int(weight.shape[0])
     return int(weight.shape[0]), int(weight.shape[1])

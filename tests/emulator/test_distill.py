@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emulator.compress import layer_drop
-from emulator.corpus import held_out_split, speech_texts, token_chunks
+from emulator.corpus import CorpusError, file_texts, held_out_split, load_texts, speech_texts, token_chunks
 from emulator.distill import DistillSettings, distill, evaluate_kd, kd_loss
 from emulator.segments import split_causal_lm
 from tests.tiny_models import tiny_model, tiny_tokenizer
@@ -81,3 +81,15 @@ def test_a_checkpoint_of_other_settings_is_refused(split, chunks, tmp_path):
     with pytest.raises(ValueError, match="other distillation settings"):
         distill(split.edge, split.middle, student, chunks, DistillSettings(steps=3, batch_size=2, seq_len=24),
                 tmp_path / "c", progress=False)
+
+
+def test_sampled_and_file_corpora(tmp_path):
+    texts = load_texts("sampled", tiny_model("llama"), tiny_tokenizer(), sample_count=3, sample_length=12)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    (tmp_path / "c.jsonl").write_text('{"text": "the cloud owns this passage of text"}\n')
+    assert file_texts(tmp_path / "c.jsonl") == ["the cloud owns this passage of text"]
+    (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:1"):
+        file_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(CorpusError, match="fewer than one"):
+        token_chunks(["short"], tiny_tokenizer(), 64)
