@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy cloud edge protocol emulator
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -18,7 +18,7 @@ from emulator.lora import LoraSettings
 from emulator.models import ModelNotFoundError
 from emulator.segments import SplitError
 from protocol.channel import CredentialError
-from protocol.pki import PkiError, init_pki, issue_client
+from protocol.pki import PkiError, init_pki, issue_client, revoke_client
 
 USER_ERRORS = (ConfigError, CredentialError, PkiError, ModelNotFoundError, SplitError,
                UnsupportedArchitectureError, OSError, BuildConfigError, EmulatorError, CorpusError, NotFound)
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("dir", type=Path)
     issue.add_argument("name")
     issue.add_argument("--days", type=int, default=365)
+    revoke = pki.add_parser("revoke", help="revoke identity NAME (refused at its next call)")
+    revoke.add_argument("dir", type=Path)
+    revoke.add_argument("name")
     srv = sub.add_parser("serve", help="run the coordinator")
     srv.add_argument("--model", default="smollm2-135m", help="built-in name or local HF directory")
     srv.add_argument("--pki", type=Path, required=True, help="directory written by `pki init`")
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
             init_pki(args.dir, hosts, args.days)
             print(f"CA and server certificate for {', '.join(hosts)} written to {args.dir}")
+        elif args.command == "pki" and args.pki_command == "revoke":
+            serial = revoke_client(args.dir, args.name)
+            print(f"identity {args.name!r} (serial {serial:x}) revoked; running coordinators refuse it "
+                  "from its next call")
         elif args.command == "pki":
             out = issue_client(args.dir, args.name, args.days)
             print(f"identity {args.name!r} written to {out}; hand this directory to its edge owner")

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
+from cloud.auth import Authenticator
 from cloud.federated import FederatedSettings
 from cloud.handlers import Coordinator
 from cloud.servicer import add_to_server
 from emulator.lora import LoraSettings
 from emulator.models import load_causal_lm, resolve_model
 from protocol.channel import create_server
+from protocol.pki import RevocationList
 
 log = logging.getLogger("edgetune.cloud")
 
@@ -80,7 +82,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         print(f"federated job {coordinator.job.job_id}: {cfg.rounds} rounds, {cfg.clients_per_round} clients "
               f"per round, {cfg.local_steps} local steps, deadline {cfg.round_deadline_s:g} s", flush=True)
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
-    add_to_server(coordinator, server)
+    add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
     print(f"edgetune-cloud serving {cfg.model} on {host}:{port} (mutual TLS, store {cfg.store})", flush=True)

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import json
 import sys
 from pathlib import Path
 
+import grpc
 import torch
 
 from edge.client import CloudCallError, CloudClient
 from edge.data import DataError, load_eval, parse_eval
 from edge.offsite import evaluate_offsite, train_offsite
 from edge.train import MODES, TUNES, ConfigError, TrainConfig, evaluate, open_edge_session, train
-from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, load_into_segments
+from emulator.lora import AdapterMismatchError, LoraSettings, with_adapter
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
+from protocol.diagnose import diagnose_connection
 from protocol.tensors import WIRE_DTYPES
 
-USER_ERRORS = (ConfigError, DataError, CredentialError, CloudCallError, FileNotFoundError, AdapterMismatchError)
+USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError)
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -51,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--edge-layers", type=int, default=0, help="K blocks at each end (0: the cloud's default)")
     t.add_argument("--lora-rank", type=int, default=LoraSettings.rank)
     t.add_argument("--lora-alpha", type=int, default=LoraSettings.alpha)
-    t.add_argument("--lora-targets", default="", help="comma-separated projections, 'all', or '' for defaults")
+    t.add_argument("--lora-targets", default="all",
+                   help="comma-separated projection names, 'all' (every linear layer of a block), "
+                        "or '' for the architecture's default (q/v for LLaMA)")
     t.add_argument("--wire-dtype", default="float32", choices=list(WIRE_DTYPES))
     t.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
     t.add_argument("--seed", type=int, default=0)
@@ -106,11 +113,7 @@ def _eval(args: argparse.Namespace) -> None:
         es = open_edge_session(CloudClient(channel), args.edge_layers, "float32")
         model = es.model
         if args.adapter is not None:
-            state, config = load_adapter_state(args.adapter)
-            leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
-            settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
-            model = add_lora(model, settings, model.bottom.spec)
-            load_into_segments(model, state, model.bottom.spec)
+            model = with_adapter(model, args.adapter, model.bottom.spec)
         data = load_eval(args.data, es.tokenizer, args.seq_len)
         traffic = Traffic()
         with torch.no_grad():
@@ -135,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             with secure_channel(args.cloud, args.identity) as channel:
                 CloudClient(channel).pull_adapter(args.adapter, args.out)
             print(f"adapter {args.adapter} written to {args.out} (PEFT format)")
+    except CloudCallError as err:
+        hint = ""
+        if err.code == grpc.StatusCode.UNAVAILABLE and hasattr(args, "identity"):
+            hint = f"; diagnosis: {diagnose_connection(args.cloud, args.identity)}"
+        print(f"edgetune-edge: error: {err}{hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as err:
         print(f"edgetune-edge: error: {err}", file=sys.stderr)
         return 2

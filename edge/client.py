@@ -161,11 +161,11 @@ class TrainStream:
         try:
             for reply in self._responses:
                 traffic.received(reply.ByteSize(), len(reply.tensor.data))
-                message = serde.cloud_message_from_proto(reply)
-                compute_s += message.compute_s
-                if message.step != step or message.tensor is None:
-                    raise RuntimeError(f"cloud answered step {message.step}, expected {step}")
-                result = assembler.feed(message.tensor)
+                answer = serde.cloud_message_from_proto(reply)
+                compute_s += answer.compute_s
+                if answer.step != step or answer.tensor is None:
+                    raise RuntimeError(f"cloud answered step {answer.step}, expected {step}")
+                result = assembler.feed(answer.tensor)
                 if result is not None:
                     traffic.round_trips += 1
                     return result, compute_s

@@ -104,6 +104,7 @@ def split_step(model: EdgeModel, link: MiddleLink, step: int, input_ids: torch.T
     upper.requires_grad_(True)
     loss = completion_loss(model, upper, labels)
     loss.backward()
+    assert upper.grad is not None
     grad_lower, compute_down = link.backward(step, upper.grad, traffic)
     lower.backward(grad_lower)
     return StepOutput(loss.item(), compute_up + compute_down)

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from emulator.segments import BlockStack, EdgeModel, SplitPlan, extract_blocks, extract_edge, plan_for
 
@@ -67,17 +67,20 @@ def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root:
     With ``emulator`` (offsite mode) the bundle also holds the emulator's tensors and ``emulator_meta``
     (its kept block indices are always recorded).
     """
-    dtype = _storage_dtype(model.config)
+    dtype = _storage_dtype(model_dir)
     edge = extract_edge(model, plan)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=_mkdir(root)))
     try:
-        _save_tensors(edge, dtype, tmp / WEIGHTS)
+        tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in edge_tensors(edge).items()}
+        tensors, aliases = _dedupe(tensors)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS))
         model.config.to_json_file(str(tmp / "config.json"))
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         plan_json = {"num_blocks": plan.n_blocks, "edge_layers": plan.edge_layers,
-                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch.")}
+                     "model_name": model_name, "dtype": str(dtype).removeprefix("torch."),
+                     "aliases": aliases}
         if emulator is not None:
             _save_tensors(emulator, dtype, tmp / EMULATOR_WEIGHTS)
             plan_json["emulator"] = {**(emulator_meta or {}), "blocks": emulator.indices}
@@ -104,10 +107,12 @@ def _skeleton(directory: Path) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _fill(module: M, path: Path) -> M:
+def _fill(module: M, path: Path, aliases: dict[str, str] | None = None) -> M:
     """Materialises a meta-device module on the CPU with the tensors stored in ``path`` (fp32)."""
     module = module.to_empty(device="cpu")
     tensors = load_file(str(path))
+    for alias, source in (aliases or {}).items():
+        tensors[alias] = tensors[source]
     expected = edge_tensors(module)
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:3]
@@ -122,8 +127,9 @@ def _fill(module: M, path: Path) -> M:
 def load_edge_model(directory: Path) -> EdgeModel:
     """Rebuilds the edge segments (fp32) from a bundle, building no full model in memory."""
     skeleton = _skeleton(directory)
-    plan, _ = read_plan(directory)
-    return _fill(extract_edge(skeleton, plan_for(skeleton.config, plan.edge_layers)), directory / WEIGHTS)
+    plan, meta = read_plan(directory)
+    return _fill(extract_edge(skeleton, plan_for(skeleton.config, plan.edge_layers)), directory / WEIGHTS,
+                 meta.get("aliases", {}))
 
 
 def load_emulator(directory: Path) -> BlockStack:
@@ -139,9 +145,28 @@ def load_emulator(directory: Path) -> BlockStack:
                  directory / EMULATOR_WEIGHTS)
 
 
-def _storage_dtype(config: PretrainedConfig) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Stores identical tensors once (e.g. an LM head tied to the embedding); returns the aliases."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, tensor in tensors.items():
+        twin = next((k for k in by_shape.get((tensor.shape, tensor.dtype), [])
+                     if torch.equal(kept[k], tensor)), None)
+        if twin is not None:
+            aliases[name] = twin
+            continue
+        kept[name] = tensor
+        by_shape.setdefault((tensor.shape, tensor.dtype), []).append(name)
+    return kept, aliases
+
+
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint is stored in: shipping the segments in it loses nothing."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _mkdir(path: Path) -> Path:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -25,6 +26,7 @@ from emulator.segments import full_model_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+M = TypeVar("M", bound=nn.Module)
 
 
 class AdapterMismatchError(ValueError):
@@ -57,13 +59,13 @@ def segment_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, settings: LoraSettings, spec: ArchSpec) -> nn.Module:
+def add_lora(model: M, settings: LoraSettings, spec: ArchSpec) -> M:
     """Returns a copy of ``model`` with LoRA on its target projections; only LoRA is trainable."""
     model = copy.deepcopy(model)
     targets = segment_targets(model, settings.resolved_targets(spec))
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", fan_in_fan_out=spec.lora_fan_in_fan_out)
-    model = inject_adapter_in_model(config, model)
+    inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name
     return model
@@ -132,6 +134,16 @@ def load_into_segments(model: nn.Module, state: dict[str, torch.Tensor], spec: A
     with torch.no_grad():
         for key, param in by_full.items():
             param.copy_(state[key].to(param.dtype))
+
+
+def with_adapter(model: M, directory: Path, spec: ArchSpec) -> M:
+    """A copy of segment ``model`` with LoRA injected as the PEFT adapter in ``directory`` says, loaded."""
+    state, config = load_adapter_state(directory)
+    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
+    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
+    adapted = add_lora(model, settings, spec)
+    load_into_segments(adapted, state, spec)
+    return adapted
 
 
 def _is_linear(module: nn.Module) -> bool:

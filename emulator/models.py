@@ -103,8 +103,8 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     # save_pretrained refuses a model that still carries the GGUF quantization config.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model = model.to(torch.bfloat16)
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed non-optional upstream
+    model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers wraps .to with a narrower stub
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

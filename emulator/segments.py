@@ -117,11 +117,10 @@ class EdgeBottom(nn.Module):
         super().__init__()
         spec = arch_for(model.config)
         self.spec = spec
-        self.embed_tokens = copy.deepcopy(get_submodule(model, spec.embed_tokens))
-        self.project_in = copy.deepcopy(get_submodule(model, spec.project_in))
-        self.embed_dropout = copy.deepcopy(get_submodule(model, spec.embed_dropout))
-        pos = get_submodule(model, spec.pos_module)
-        self.pos_embed = copy.deepcopy(pos) if spec.positions is not Positions.ROTARY else None
+        self.embed_tokens = _copy_required(model, spec.embed_tokens)
+        self.project_in = _copy(model, spec.project_in)
+        self.embed_dropout = _copy(model, spec.embed_dropout)
+        self.pos_embed = _copy(model, spec.pos_module) if spec.positions is not Positions.ROTARY else None
         self.stack = BlockStack(_pick(model, blocks), spec, _rotary(model, spec))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -129,9 +128,9 @@ class EdgeBottom(nn.Module):
         if self.project_in is not None:
             hidden = self.project_in(hidden)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        if self.spec.positions is Positions.LEARNED:
+        if self.pos_embed is not None and self.spec.positions is Positions.LEARNED:
             hidden = hidden + self.pos_embed(position_ids)
-        elif self.spec.positions is Positions.LEARNED_OFFSET:
+        elif self.pos_embed is not None and self.spec.positions is Positions.LEARNED_OFFSET:
             hidden = hidden + self.pos_embed(None, 0, position_ids=position_ids)
         if self.embed_dropout is not None:
             hidden = self.embed_dropout(hidden)
@@ -145,9 +144,9 @@ class EdgeTop(nn.Module):
         super().__init__()
         spec = arch_for(model.config)
         self.stack = BlockStack(_pick(model, blocks), spec, _rotary(model, spec))
-        self.final_norm = copy.deepcopy(get_submodule(model, spec.final_norm))
-        self.project_out = copy.deepcopy(get_submodule(model, spec.project_out))
-        self.lm_head = copy.deepcopy(get_submodule(model, spec.lm_head))
+        self.final_norm = _copy(model, spec.final_norm)
+        self.project_out = _copy(model, spec.project_out)
+        self.lm_head = _copy_required(model, spec.lm_head)
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """States just before the LM head, ``(batch, seq, hidden)``: lets callers project only
@@ -220,6 +219,18 @@ def full_model_name(segment_name: str, spec: ArchSpec) -> str:
     if m is None:
         raise KeyError(f"{segment_name!r} is not inside a decoder block")
     return f"{spec.blocks}.{m.group(1)}.{segment_name[m.end():]}"
+
+
+def _copy(model: nn.Module, path: str | None) -> nn.Module | None:
+    module = get_submodule(model, path)
+    return copy.deepcopy(module) if module is not None else None
+
+
+def _copy_required(model: nn.Module, path: str) -> nn.Module:
+    module = get_submodule(model, path)
+    if module is None:
+        raise SplitError(f"model has no {path!r}; is the architecture table row right?")
+    return copy.deepcopy(module)
 
 
 def _pick(model: PreTrainedModel, indices: list[int]) -> dict[int, nn.Module]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
+import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -58,8 +60,12 @@ def init_pki(directory: Path, hosts: list[str], days: int = DEFAULT_DAYS) -> Non
     _write_cert(directory / "server.crt", server_cert)
 
 
-def issue_client(directory: Path, name: str, days: int = DEFAULT_DAYS) -> Path:
-    """Issues a client identity ``NAME`` and returns ``DIR/clients/NAME``."""
+def issue_client(directory: Path, name: str, days: int = DEFAULT_DAYS,
+                 not_before: dt.datetime | None = None) -> Path:
+    """Issues a client identity ``NAME`` and returns ``DIR/clients/NAME``.
+
+    ``not_before`` back-dates the certificate (tests use it to make one that has already expired).
+    """
     if not _NAME.match(name):
         raise PkiError(f"client name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     ca_key_path, ca_cert_path = directory / "ca.key", directory / "ca.crt"
@@ -73,7 +79,7 @@ def issue_client(directory: Path, name: str, days: int = DEFAULT_DAYS) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
-        _builder(subject, ca_cert.subject, key.public_key(), days)
+        _builder(subject, ca_cert.subject, key.public_key(), days, not_before)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -86,16 +92,76 @@ def issue_client(directory: Path, name: str, days: int = DEFAULT_DAYS) -> Path:
     return out
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.UTC)
+REVOKED = "revoked.json"
+
+
+def revoke_client(directory: Path, name: str) -> int:
+    """Revokes identity ``NAME``: records its serial in ``DIR/revoked.json`` and retires its files.
+
+    A running coordinator picks the change up at the client's next call. The name can then be
+    issued again (a new key and serial). Returns the revoked serial number.
+    """
+    cert_path = directory / "clients" / name / "client.crt"
+    if not cert_path.is_file():
+        raise PkiError(f"{cert_path}: no such identity; `ls {directory / 'clients'}` lists the issued ones")
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    path = directory / REVOKED
+    entries = json.loads(path.read_text())["revoked"] if path.is_file() else []
+    entries.append({"name": name, "serial": f"{serial:x}",
+                    "revoked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    _atomic_write(path, json.dumps({"revoked": entries}, indent=2).encode())
+    retired = directory / "clients" / ".revoked" / f"{name}-{serial:x}"
+    retired.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(cert_path.parent, retired)
+    return serial
+
+
+class RevocationList:
+    """The revoked serials of ``DIR/revoked.json``, re-read whenever the file changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / REVOKED
+        self._stamp: tuple[int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+        self._lock = threading.Lock()
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self._current()
+
+    def _current(self) -> frozenset[int]:
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            return frozenset()
+        with self._lock:
+            if stamp != self._stamp:
+                entries = json.loads(self.path.read_text())["revoked"]
+                self._serials = frozenset(int(e["serial"], 16) for e in entries)
+                self._stamp = stamp
+            return self._serials
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int,
+             not_before: dt.datetime | None = None) -> x509.CertificateBuilder:
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
     )
 
 

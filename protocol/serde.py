@@ -82,7 +82,7 @@ def _phase_from_proto(value: int) -> Phase:
 
 
 def edge_message_to_proto(e: EdgeMessage) -> pb.EdgeMessage:
-    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=int(e.phase))
+    msg = pb.EdgeMessage(session_id=e.session_id, step=e.step, phase=e.phase.name)
     if e.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(e.tensor))
     return msg
@@ -94,7 +94,7 @@ def edge_message_from_proto(m: pb.EdgeMessage) -> EdgeMessage:
 
 
 def cloud_message_to_proto(c: CloudMessage) -> pb.CloudMessage:
-    msg = pb.CloudMessage(step=c.step, phase=int(c.phase), compute_s=c.compute_s)
+    msg = pb.CloudMessage(step=c.step, phase=c.phase.name, compute_s=c.compute_s)
     if c.tensor is not None:
         msg.tensor.CopyFrom(tensor_chunk_to_proto(c.tensor))
     return msg

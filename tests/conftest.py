@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emulator.models import cache_root
 from protocol.pki import init_pki, issue_client
 from tests.tiny_models import save_tiny
 
@@ -23,8 +24,13 @@ FAMILIES = ["llama", "gpt2", "opt"]
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Bundles downloaded by tests go to a private cache; the converted real model is shared."""
-    if "EDGETUNE_CACHE" not in os.environ:
-        monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    if not cache.exists():
+        cache.mkdir()
+        shared = cache_root() / "models"
+        shared.mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(shared, target_is_directory=True)
+    monkeypatch.setenv("EDGETUNE_CACHE", str(cache))
     torch.set_num_threads(1)
 
 

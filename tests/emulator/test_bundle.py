@@ -23,3 +23,13 @@ def test_bundle_rebuilds_edge_without_middle(tiny_dirs, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(edge.top(middle(edge.bottom(ids))), model(ids).logits, rtol=0, atol=1e-5)
         assert (bundle / "tokenizer.json").is_file()
+
+
+def test_tied_head_is_stored_once(tiny_dirs, tmp_path):
+    from emulator.bundle import read_plan
+
+    model = load_causal_lm(tiny_dirs["llama"])  # tie_word_embeddings=True
+    bundle = write_bundle(model, tiny_dirs["llama"], plan_for(model.config, 1), tmp_path, "tiny")
+    _, meta = read_plan(bundle)
+    assert meta["aliases"]["top.lm_head.weight"] == "bottom.embed_tokens.weight"
+    assert "top.lm_head.weight" not in load_file(str(bundle / WEIGHTS))

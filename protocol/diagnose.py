@@ -1,0 +1,105 @@
+"""Plain-language diagnosis of TLS set-up mistakes, naming the file at fault and the fix.
+
+gRPC reports every handshake problem as ``UNAVAILABLE``; these checks find out which one it was:
+an identity whose key does not match its certificate, an expired certificate, a server signed by
+another CA, a server certificate that does not name the host, or a client the server refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from protocol.channel import CredentialError, client_tls
+
+
+def check_identity(identity_dir: Path, now: dt.datetime | None = None) -> None:
+    """Checks an edge identity offline: key matches certificate, validity period, issuing CA.
+
+    Raises:
+        CredentialError: naming the file and what to do.
+    """
+    tls = client_tls(identity_dir)
+    cert = x509.load_pem_x509_certificate(tls.cert)
+    key = serialization.load_pem_private_key(tls.key, password=None)
+    if _public(key.public_key()) != _public(cert.public_key()):
+        raise CredentialError(f"{identity_dir / 'client.key'} does not belong to {identity_dir / 'client.crt'}; "
+                              "keep the files of one `pki issue` together")
+    _check_validity(cert, identity_dir / "client.crt", now)
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(tls.ca))
+    except (ValueError, TypeError, Exception) as err:  # noqa: BLE001 - any failure means "not this CA"
+        raise CredentialError(f"{identity_dir / 'client.crt'} is not signed by {identity_dir / 'ca.crt'} "
+                              f"({type(err).__name__}); re-issue the identity from the server's PKI") from None
+
+
+def diagnose_connection(target: str, identity_dir: Path, timeout: float = 5.0) -> str:
+    """Explains why a mutual-TLS connection to ``target`` fails (or says that TLS looks fine)."""
+    try:
+        check_identity(identity_dir)
+    except CredentialError as err:
+        return str(err)
+    host, _, port = target.rpartition(":")
+    try:
+        server_cert = _server_certificate(host, int(port), identity_dir, timeout)
+    except OSError as err:
+        return f"cannot reach {target} ({err.strerror or err}); is `edgetune-cloud serve` running there?"
+    ca = x509.load_pem_x509_certificate((identity_dir / "ca.crt").read_bytes())
+    try:
+        server_cert.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001
+        return (f"the server at {target} presents a certificate not signed by {identity_dir / 'ca.crt'}: this "
+                "identity belongs to another PKI; ask this server's owner for an identity")
+    names = _names(server_cert)
+    if host not in names:
+        return (f"the server certificate is valid for {', '.join(sorted(names))}, not {host!r}; connect to one of "
+                "those names or re-create the server certificate with `pki init --hosts`")
+    try:
+        _check_validity(server_cert, Path("server.crt"), None)
+    except CredentialError:
+        return f"the server certificate at {target} has expired; its owner must renew it (`pki init`)"
+    return (f"TLS with {target} looks right from here, but the server refused {identity_dir / 'client.crt'}: "
+            "it may be revoked or issued by an older CA; ask for a new identity")
+
+
+def _server_certificate(host: str, port: int, identity_dir: Path, timeout: float) -> x509.Certificate:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only want to look at what the server presents
+    context.load_cert_chain(identity_dir / "client.crt", identity_dir / "client.key")
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise OSError("no certificate presented")
+    return x509.load_der_x509_certificate(der)
+
+
+def _names(cert: x509.Certificate) -> set[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(sans.get_values_for_type(x509.DNSName)) | {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+
+
+def _check_validity(cert: x509.Certificate, path: Path, now: dt.datetime | None) -> None:
+    now = now or dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        raise CredentialError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; ask for a new identity "
+                              "(`edgetune-cloud pki revoke` then `pki issue` on the cloud host)")
+    if now < cert.not_valid_before_utc:
+        raise CredentialError(f"{path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}; check the clock")
+
+
+def _public(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+__all__ = ["check_identity", "diagnose_connection", "ipaddress"]

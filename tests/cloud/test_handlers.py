@@ -1,0 +1,71 @@
+"""Coordinator handlers in-process: the domain errors a misbehaving edge meets."""
+
+import pytest
+import torch
+
+from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
+from cloud.handlers import Coordinator
+from emulator.models import load_causal_lm
+from protocol.tensors import TensorAssembler, tensor_chunks
+from protocol.types import EdgeMessage, OpenSessionRequest, Phase
+
+
+@pytest.fixture(scope="module")
+def coordinator(tiny_dirs, tmp_path_factory):
+    model = load_causal_lm(tiny_dirs["llama"])
+    return Coordinator("tiny", tiny_dirs["llama"], model, tmp_path_factory.mktemp("store"), 2)
+
+
+def messages(session_id, step, phase, tensor, chunk_bytes=1 << 20):
+    return [EdgeMessage(session_id, step, phase, c) for c in tensor_chunks("h", tensor, chunk_bytes=chunk_bytes)]
+
+
+def run(coordinator, owner, msgs):
+    out, assembler = [], TensorAssembler()
+    for reply in coordinator.train(owner, msgs):
+        t = assembler.feed(reply.tensor)
+        if t is not None:
+            out.append((reply.phase, t))
+    return out
+
+
+def test_forward_backward_round(coordinator):
+    sid = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+    h = torch.randn(2, 5, 32)
+    replies = run(coordinator, "alice", messages(sid, 1, Phase.FORWARD_TRAIN, h, chunk_bytes=100)
+                  + messages(sid, 1, Phase.BACKWARD, torch.ones(2, 5, 32)))
+    assert [p for p, _ in replies] == [Phase.ACTIVATION, Phase.GRADIENT]
+    runner = coordinator.backend(2).runner
+    x = h.clone().requires_grad_(True)
+    expected_out = runner.segment(x)
+    (expected_grad,) = torch.autograd.grad(expected_out, x, torch.ones_like(expected_out))
+    torch.testing.assert_close(replies[0][1], expected_out.detach())
+    torch.testing.assert_close(replies[1][1], expected_grad)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda sid: messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(1, 3, 31)), InvalidArgument, "must be"),
+    (lambda sid: messages(sid, 1, Phase.FORWARD_TRAIN, torch.full((1, 3, 32), float("nan"))), InvalidArgument,
+     "NaN or Inf"),
+    (lambda sid: messages(sid, 4, Phase.BACKWARD, torch.randn(1, 3, 32)), FailedPrecondition, "without its"),
+    (lambda sid: messages(sid, 1, Phase.ACTIVATION, torch.randn(1, 3, 32)), InvalidArgument, "not sent by an edge"),
+    (lambda sid: messages("se-unknown", 1, Phase.FORWARD_TRAIN, torch.randn(1, 3, 32)), NotFound, "no session"),
+    (lambda sid: [EdgeMessage(sid, 1, Phase.FORWARD_TRAIN)], InvalidArgument, "carries no tensor"),
+])
+def test_bad_streams_raise_domain_errors(coordinator, make, error, match):
+    sid = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+    with pytest.raises(error, match=match):
+        run(coordinator, "alice", make(sid))
+
+
+def test_other_identity_cannot_use_session(coordinator):
+    sid = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+    with pytest.raises(NotFound, match="identity 'bob'"):
+        run(coordinator, "bob", messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(1, 3, 32)))
+
+
+def test_bad_mode_and_depth(coordinator):
+    with pytest.raises(InvalidArgument, match="mode 'federated'"):
+        coordinator.open_session("alice", OpenSessionRequest("federated"))
+    with pytest.raises(InvalidArgument, match="leaves no middle"):
+        coordinator.open_session("alice", OpenSessionRequest("split", 3))
