@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import logging
 import sys
 from pathlib import Path

@@ -87,7 +87,10 @@ def create_server(pki_dir: Path, listen: str, max_workers: int = 16) -> tuple[gr
 
 @contextmanager
 def secure_channel(target: str, identity_dir: Path) -> Iterator[grpc.Channel]:
-    """A mutual-TLS channel to the coordinator, closed on exit."""
+    """A mutual-TLS channel to the coordinator, closed on exit; checks the identity files first."""
+    from protocol.diagnose import check_identity  # local: diagnose builds on this module
+
+    check_identity(identity_dir)
     tls = client_tls(identity_dir)
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
                                          certificate_chain=tls.cert)

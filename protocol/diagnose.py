@@ -8,7 +8,6 @@ another CA, a server certificate that does not name the host, or a client the se
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import socket
 import ssl
 from pathlib import Path
@@ -102,4 +101,4 @@ def _public(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-__all__ = ["check_identity", "diagnose_connection", "ipaddress"]
+
