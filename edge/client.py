@@ -62,11 +62,14 @@ class CloudClient:
     def __post_init__(self) -> None:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
-    def open_session(self, mode: str, edge_layers: int = 0, emulator_layers: int = 0) -> SessionInfo:
+    def open_session(self, mode: str, edge_layers: int = 0, emulator_layers: int = 0,
+                     traffic: Traffic | None = None) -> SessionInfo:
+        """Opens a session; ``traffic`` (if given) counts the request and the reply."""
         request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers, emulator_layers))
         reply = _call("OpenSession", lambda: self.stub.OpenSession(request, timeout=600))
-        self.setup.sent(request.ByteSize(), 0)
-        self.setup.received(reply.ByteSize(), 0)
+        if traffic is not None:
+            traffic.sent(request.ByteSize(), 0)
+            traffic.received(reply.ByteSize(), 0)
         return serde.session_info_from_proto(reply)
 
     def bundle(self, info: SessionInfo) -> Path:

@@ -71,7 +71,7 @@ def download(cfg: TrainConfig, connect: Connect, traffic: Traffic) -> OffsiteKit
     """Opens an offsite session and downloads its bundle (cached by content hash)."""
     with connect(cfg.cloud, cfg.identity) as channel:
         client = CloudClient(channel, traffic)
-        info = client.open_session("offsite", cfg.edge_layers, cfg.emulator_layers)
+        info = client.open_session("offsite", cfg.edge_layers, cfg.emulator_layers, traffic)
         return load_kit(client.bundle(info))
 
 
