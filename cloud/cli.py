@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a round waits for updates (and for clients to start it)")
     fed.add_argument("--fed-lora-rank", type=int, default=LoraSettings.rank)
     fed.add_argument("--fed-lora-alpha", type=int, default=LoraSettings.alpha)
-    fed.add_argument("--fed-lora-targets", default="", help="comma-separated projections, 'all', or '' (defaults)")
+    fed.add_argument("--fed-lora-targets", default="all",
+                     help="comma-separated projections, 'all', or '' (the family's default)")
     _emulator_parsers(sub)
     exp = sub.add_parser("export", help="merge an adapter into the full model and write a plain HF directory")
     exp.add_argument("--model", default="smollm2-135m")

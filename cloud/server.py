@@ -43,7 +43,7 @@ class ServeConfig:
     clients_per_round: int = 1
     local_steps: int = 50
     round_deadline_s: float = 600.0
-    fed_lora: LoraSettings = LoraSettings()
+    fed_lora: LoraSettings = LoraSettings(targets=("all",))
 
     def federation(self) -> FederatedSettings | None:
         if not self.rounds:
