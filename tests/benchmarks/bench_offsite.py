@@ -104,7 +104,8 @@ def phase_zero_shot(args) -> None:
     data = load_eval(eval_subset(args), tok, args.seq_len)
     split = split_causal_lm(model, args.edge_layers)
     out = {"eval_rows": len(data.examples), "model": MODEL, "edge_layers": args.edge_layers,
-           "emulator_layers": args.emulator_layers}
+           "emulator_layers": args.emulator_layers,
+           "majority_class": max(sum(ex.answer == c for ex in data.examples) for c in (0, 1)) / len(data.examples)}
     t0 = time.perf_counter()
     out["full_zero_shot"] = evaluate(split.edge, LocalMiddle(split.middle), data, tok.pad_token_id, 32, Traffic())
     out["full_eval_s"] = time.perf_counter() - t0
@@ -184,7 +185,7 @@ def child_offsite(args) -> None:
     out["adapter_dir"], out["adapter_bytes"] = str(adapter), sum(p.stat().st_size for p in adapter.iterdir())
     eval_data = load_eval(eval_subset(args), kit.tokenizer, cfg.seq_len)
     out["emulator_adapter"] = evaluate(model, link, eval_data, kit.pad_id, 32, Traffic())
-    out["tokens_total"], out["train_rows"] = args.steps * args.batch_size, len(data.examples)
+    out["train_rows"] = len(data.examples)
     out["split_payload_bytes"] = split_payload(data, cfg, kit.pad_id, kit.edge.top.lm_head.in_features)
     record("offsite", out)
 
@@ -258,7 +259,8 @@ def render(d: dict) -> str:
     def acc(v):
         return f"{v:.3f}" if isinstance(v, float) else "—"
 
-    rows = [("Full model, zero-shot", acc(z.get("full_zero_shot"))),
+    rows = [("Majority class (always the more frequent label)", acc(z.get("majority_class"))),
+            ("Full model, zero-shot", acc(z.get("full_zero_shot"))),
             (f"Emulator (layer drop, blocks {z.get('emulator_blocks', '?')}), zero-shot",
              acc(z.get("layer_drop_zero_shot"))),
             ("Emulator (distilled), zero-shot", acc(z.get("distilled_zero_shot"))),
