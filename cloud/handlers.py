@@ -7,11 +7,13 @@ they know nothing of gRPC.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,16 @@ from transformers import PreTrainedModel
 from cloud.backbone import LocalBackbone
 from cloud.conversation import Answer, Callout, CalloutFn, Conversation, Finished
 from cloud.dlora import DloraBackbone, EdgeSiteExchange
+from cloud.emulators import EmulatorSpec, EmulatorStore, StoredEmulator, default_emulator_layers, model_fingerprint
 from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from cloud.registry import ADAPTER_FILES, AdapterRegistry, staging_dir
+from cloud.federated import FederatedJob, FederatedSettings, initial_lora_adapter
+from cloud.registry import ALLOWED_FILES, AdapterRegistry, staging_dir
 from cloud.sessions import Session, SessionLog, SessionManager
 from cloud.vault import CorruptArtifactError
 from emulator.arch import arch_for, hidden_size
 from emulator.bundle import bundle_files, bundle_id, write_bundle
+from emulator.compress import EmulatorError
+from emulator.plugin import check_fits
 from emulator.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
 from emulator.segments import BlockStack, SplitError, SplitPlan, extract_middle, plan_for
 from protocol.serde import WireFormatError
@@ -41,10 +47,12 @@ from protocol.types import (
     ModelInfo,
     OpenSessionRequest,
     Phase,
+    RoundRequest,
+    RoundTask,
     SessionInfo,
 )
 
-MODES = ("split", "dlora")
+MODES = ("split", "dlora", "offsite")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,15 @@ class SplitBackend:
     runner: LocalBackbone
 
 
+@dataclass
+class OffsiteBackend:
+    """What the cloud prepared for one (K, E): the offsite bundle and the emulator inside it."""
+
+    info: ModelInfo
+    bundle_dir: Path
+    emulator: StoredEmulator
+
+
 class Coordinator:
     """State and handlers of one coordinator process.
 
@@ -74,21 +91,29 @@ class Coordinator:
         model: the full frozen model; only its middle blocks ever run here.
         store: directory for bundles, adapters and the registry.
         default_edge_layers: K when a session does not ask for one.
+        default_emulator_layers: offsite emulator depth E when a session does not ask (0: a third of
+            the middle).
+        federation: run one FedAvg job over offsite adapters (``None``: no federated rounds).
     """
 
     def __init__(self, model_name: str, model_dir: Path, model: PreTrainedModel, store: Path,
-                 default_edge_layers: int = 2, limits: Limits | None = None) -> None:
+                 default_edge_layers: int = 2, limits: Limits | None = None, default_emulator_layers: int = 0,
+                 federation: FederatedSettings | None = None) -> None:
         self.model_name, self.model_dir, self.model, self.store = model_name, model_dir, model, store
         self.default_edge_layers = default_edge_layers
+        self.default_emulator_layers = default_emulator_layers
         self.limits = limits or Limits()
         self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
         self.sessions = SessionManager()
         self.registry = AdapterRegistry(store)  # creates the store directory
         self.session_log = SessionLog(store / "sessions.sqlite")
+        self.emulators = EmulatorStore(store)
         self._backends: dict[int, SplitBackend] = {}
+        self._offsite: dict[tuple[int, int], OffsiteBackend] = {}
         self._backend_lock = threading.Lock()
         self.backend(default_edge_layers)  # fail at start-up, not at the first client, on a bad K
+        self.job = self._start_job(federation) if federation is not None else None
 
     def backend(self, edge_layers: int) -> SplitBackend:
         """The bundle and middle runner for K edge layers, built on first use."""
@@ -125,6 +150,11 @@ class Coordinator:
     def _open(self, owner: str, request: OpenSessionRequest, session_id: str | None = None) -> SessionInfo:
         if request.mode not in MODES:
             raise InvalidArgument(f"mode {request.mode!r} is not served here (served: {', '.join(MODES)})")
+        if request.mode == "offsite":
+            offsite = self.offsite_backend(request.edge_layers or self.default_edge_layers, request.emulator_layers)
+            plan = plan_for(self.model.config, offsite.info.edge_layers)
+            session = self.sessions.open(owner, "offsite", plan, None, session_id=session_id)
+            return SessionInfo(session.session_id, offsite.info)
         backend = self.backend(request.edge_layers or self.default_edge_layers)
         plan = plan_for(self.model.config, backend.info.edge_layers)
         if request.mode == "dlora":
@@ -151,7 +181,8 @@ class Coordinator:
 
     def fetch_bundle(self, owner: str, wanted: str) -> Iterator[FileChunk]:
         """Streams the bundle files; any authenticated client may fetch a bundle."""
-        for backend in list(self._backends.values()):
+        backends: list[SplitBackend | OffsiteBackend] = [*self._backends.values(), *self._offsite.values()]
+        for backend in backends:
             if backend.info.bundle_id == wanted:
                 for path in bundle_files(backend.bundle_dir):
                     yield from file_chunks(path)
@@ -189,6 +220,9 @@ class Coordinator:
             for message in messages:
                 if session is None:
                     session = self.session(owner, message.session_id)
+                    if session.runner is None:
+                        raise FailedPrecondition(f"session {session.session_id} is an offsite session: it trains "
+                                                 "on the edge; open a split session for split inference")
                 elif message.session_id != session.session_id:
                     raise InvalidArgument("a training stream serves one session; open a new stream")
                 if message.tensor is None:
@@ -236,6 +270,7 @@ class Coordinator:
             self._check_hidden(tensor, head.step)
             train = head.phase is Phase.FORWARD_TRAIN
             runner = session.runner
+            assert runner is not None  # offsite sessions are refused when their stream opens
             if isinstance(runner, DloraBackbone):
                 active = runner.check_active(head.active_sites, head.step)
                 out, pending, _ = runner.forward(tensor, train, active, EdgeSiteExchange(callout, head.step))
@@ -253,6 +288,7 @@ class Coordinator:
                                   f"match the activation {tuple(pending.outputs.shape)}")
         self._check_finite(grad, step)
         session.pending_step, session.pending = None, None
+        assert session.runner is not None
         out, _ = session.runner.backward(pending, grad)
         session.steps += 1
         return out
@@ -281,7 +317,9 @@ class Coordinator:
         staged = staging_dir(self.store)
         try:
             files = (u.file for u in stream if u.file is not None)
-            receive_files(files, staged, allowed=set(ADAPTER_FILES))
+            receive_files(files, staged, allowed=set(ALLOWED_FILES))
+            if first.meta.mode == "offsite":
+                self._check_plug_in(staged)
             return self.registry.add(owner, first.meta, staged)
         except WireFormatError as err:
             raise InvalidArgument(str(err)) from None
@@ -296,5 +334,81 @@ class Coordinator:
             _, files = self.registry.get(owner, adapter_id)
         except CorruptArtifactError as err:
             raise DataLoss(str(err)) from None
-        for name in ADAPTER_FILES:
-            yield from bytes_chunks(name, files[name])
+        for name, data in files.items():
+            yield from bytes_chunks(name, data)
+
+    # --- offsite mode -------------------------------------------------------------------------
+
+    def offsite_backend(self, edge_layers: int, emulator_layers: int = 0) -> OffsiteBackend:
+        """The offsite bundle for (K, E): a stored emulator (distilled preferred) or, if none, a
+        layer-drop-only one built now and stored."""
+        try:
+            plan = plan_for(self.model.config, edge_layers)
+        except SplitError as err:
+            raise InvalidArgument(str(err)) from None
+        depth = emulator_layers or self.default_emulator_layers or default_emulator_layers(len(plan.middle))
+        with self._backend_lock:
+            if (edge_layers, depth) not in self._offsite:
+                fingerprint = model_fingerprint(self.model_dir)
+                stored = self.emulators.find(fingerprint, edge_layers, depth)
+                if stored is None:
+                    try:
+                        stored = self.emulators.build(self.model, self.model_name, fingerprint,
+                                                      EmulatorSpec(edge_layers, depth), progress=False)
+                    except EmulatorError as err:
+                        raise InvalidArgument(str(err)) from None
+                bundle_dir = write_bundle(self.model, self.model_dir, plan, self.store / "bundles", self.model_name,
+                                          stored.load(self.model), stored.public_meta())
+                info = ModelInfo(self.model_name, self.model.config.model_type, plan.n_blocks,
+                                 hidden_size(self.model.config), edge_layers, bundle_id(bundle_dir),
+                                 sum(p.stat().st_size for p in bundle_files(bundle_dir)), depth, stored.distilled)
+                self._offsite[(edge_layers, depth)] = OffsiteBackend(info, bundle_dir, stored)
+            return self._offsite[(edge_layers, depth)]
+
+    def _check_plug_in(self, staged: Path) -> None:
+        """An offsite adapter must plug into the full model: every tensor has a home of its shape."""
+        try:
+            check_fits(self.model, staged)
+        except (ValueError, FileNotFoundError) as err:
+            raise InvalidArgument(f"adapter does not plug into {self.model_name}: {err}") from None
+
+    # --- federated rounds ----------------------------------------------------------------------
+
+    def _start_job(self, settings: FederatedSettings) -> FederatedJob:
+        job_id = "fed-" + uuid.uuid4().hex[:10]
+        workdir = self.store / "federated" / job_id
+        initial = initial_lora_adapter(self.model, self.default_edge_layers, settings.lora, self.model_name,
+                                       workdir / "round-0", settings.seed)
+        owner = f"federation:{job_id}"
+
+        def publish(directory: Path, number: int, final: bool) -> str:
+            meta = AdapterMeta(mode="offsite", base_model=self.model_name, job_id=job_id, round=number,
+                               metrics_json=json.dumps({"fedavg_round": number, "final": final}))
+            return self.registry.add(owner, meta, directory).adapter_id
+
+        return FederatedJob(job_id, settings, workdir, initial, publish, self.registry.grant)
+
+    def _job(self) -> FederatedJob:
+        if self.job is None:
+            raise FailedPrecondition("this coordinator runs no federated job; start it with "
+                                     "`edgetune-cloud serve --rounds R --clients-per-round C`")
+        return self.job
+
+    def next_round(self, owner: str, request: RoundRequest) -> RoundTask:
+        return self._job().next_round(owner, request.after_round, min(request.wait_s, 300.0))
+
+    def submit_update(self, owner: str, uploads: Iterable[AdapterUpload]) -> AdapterMeta:
+        job = self._job()
+        stream = iter(uploads)
+        first = next(stream, None)
+        if first is None or first.meta is None:
+            raise InvalidArgument("an update starts with its metadata (job_id, round, num_examples)")
+        staged = staging_dir(self.store)
+        try:
+            receive_files((u.file for u in stream if u.file is not None), staged, allowed=set(ALLOWED_FILES))
+            self._check_plug_in(staged)
+            return job.submit(owner, replace(first.meta, owner=owner), staged)
+        except WireFormatError as err:
+            raise InvalidArgument(str(err)) from None
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)

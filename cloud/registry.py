@@ -1,9 +1,10 @@
 """The adapter registry: SQLite index plus one directory of encrypted PEFT files per adapter.
 
 Every read takes the owner; an adapter that belongs to someone else is reported as not found,
-so a client cannot even learn that another client's adapter exists. Files are sealed with the
-store's key (:mod:`cloud.vault`) and written atomically before the index row is committed; a
-directory without a row (a crash in between) is removed at start-up.
+so a client cannot even learn that another client's adapter exists. An adapter can be granted to
+further identities (federated global adapters are granted to every participant of their job).
+Files are sealed with the store's key (:mod:`cloud.vault`) and written atomically before the index
+row is committed; a directory without a row (a crash in between) is removed at start-up.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from safetensors import safe_open
 
 from cloud.errors import InvalidArgument, NotFound
 from cloud.vault import Vault
+from emulator.plugin import DELTA_FORMAT, FORMAT_FILES
 from protocol.types import AdapterMeta
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ALLOWED_FILES = frozenset(f for files in FORMAT_FILES.values() for f in files)  # PEFT LoRA or a block delta
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -38,7 +41,13 @@ CREATE TABLE IF NOT EXISTS adapters (
     metrics_json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS adapters_owner ON adapters(owner);
+CREATE TABLE IF NOT EXISTS grants (
+    adapter_id TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, identity)
+);
 """
+_VISIBLE = "(owner = ? OR adapter_id IN (SELECT adapter_id FROM grants WHERE identity = ?))"
 
 
 class AdapterRegistry:
@@ -60,11 +69,11 @@ class AdapterRegistry:
         _validate_adapter_dir(staged)
         adapter_id = "ad-" + uuid.uuid4().hex[:12]
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        size = sum((staged / f).stat().st_size for f in ADAPTER_FILES)
+        size = sum(p.stat().st_size for p in staged.iterdir())
         stored = replace(meta, adapter_id=adapter_id, owner=owner, created=created, size_bytes=size)
         target = self.root / adapter_id
-        for name in ADAPTER_FILES:
-            self.vault.seal(target / f"{name}.enc", (staged / name).read_bytes(), f"{adapter_id}/{name}")
+        for path in sorted(staged.iterdir()):
+            self.vault.seal(target / f"{path.name}.enc", path.read_bytes(), f"{adapter_id}/{path.name}")
         with self._lock:
             self._db.execute(
                 "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -77,7 +86,7 @@ class AdapterRegistry:
         with self._lock:
             rows = self._db.execute(
                 "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
-                "FROM adapters WHERE owner = ? ORDER BY created, adapter_id", (owner,)).fetchall()
+                f"FROM adapters WHERE {_VISIBLE} ORDER BY created, adapter_id", (owner, owner)).fetchall()
         return [_meta(row) for row in rows]
 
     def get(self, owner: str, adapter_id: str) -> tuple[AdapterMeta, dict[str, bytes]]:
@@ -90,12 +99,13 @@ class AdapterRegistry:
         with self._lock:
             row = self._db.execute(
                 "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
-                "FROM adapters WHERE adapter_id = ? AND owner = ?", (adapter_id, owner)).fetchone()
+                f"FROM adapters WHERE adapter_id = ? AND {_VISIBLE}", (adapter_id, owner, owner)).fetchone()
         if row is None:
             raise NotFound(f"no adapter {adapter_id!r} belongs to identity {owner!r}; "
                            "`edgetune-edge list` shows yours")
         directory = self.root / adapter_id
-        files = {name: self.vault.open(directory / f"{name}.enc", f"{adapter_id}/{name}") for name in ADAPTER_FILES}
+        files = {name: self.vault.open(directory / f"{name}.enc", f"{adapter_id}/{name}")
+                 for name in adapter_files(directory)}
         return _meta(row), files
 
     def _remove_orphans(self) -> None:
@@ -103,6 +113,11 @@ class AdapterRegistry:
         for directory in self.root.iterdir():
             if directory.name not in known:
                 shutil.rmtree(directory, ignore_errors=True)
+
+    def grant(self, adapter_id: str, identity: str) -> None:
+        """Lets ``identity`` list and pull ``adapter_id`` too (idempotent)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?)", (adapter_id, identity))
 
     def close(self) -> None:
         self._db.close()
@@ -115,16 +130,29 @@ def staging_dir(store: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
+def adapter_files(directory: Path) -> list[str]:
+    """The (plaintext) file names of a stored adapter, config first."""
+    names = {p.name.removesuffix(".enc") for p in directory.iterdir()}
+    return next([*files] for files in FORMAT_FILES.values() if set(files) == names)
+
+
 def _validate_adapter_dir(directory: Path) -> None:
     names = sorted(p.name for p in directory.iterdir())
-    if names != sorted(ADAPTER_FILES):
-        raise InvalidArgument(f"an adapter upload holds exactly {list(ADAPTER_FILES)}, got {names}")
+    formats = {fmt: files for fmt, files in FORMAT_FILES.items() if sorted(files) == names}
+    if not formats:
+        raise InvalidArgument(f"an adapter upload holds exactly {list(ADAPTER_FILES)} (LoRA) or "
+                              f"{list(FORMAT_FILES['delta'])} (--tune full), got {names}")
+    fmt, (config_name, weights_name) = next(iter(formats.items()))
     try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as f:
+        config = json.loads((directory / config_name).read_text())
+        with safe_open(str(directory / weights_name), framework="pt") as f:
             keys = list(f.keys())
     except Exception as err:  # noqa: BLE001 - any parse failure means a bad upload
         raise InvalidArgument(f"adapter files do not parse: {err}") from None
+    if fmt == "delta":
+        if config.get("format") != DELTA_FORMAT or not keys:
+            raise InvalidArgument(f"{config_name} must describe an {DELTA_FORMAT} with weights")
+        return
     if config.get("peft_type") != "LORA" or not keys:
         raise InvalidArgument("adapter_config.json must describe a LORA adapter with weights")
     if any("lora_" not in k for k in keys):

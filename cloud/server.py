@@ -13,8 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from cloud.auth import Authenticator
+from cloud.federated import FederatedSettings
 from cloud.handlers import Coordinator, Limits
 from cloud.servicer import add_to_server
+from emulator.lora import LoraSettings
 from emulator.models import load_causal_lm, resolve_model
 from protocol.channel import create_server
 from protocol.pki import RevocationList
@@ -41,6 +43,18 @@ class ServeConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     port_file: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    emulator_layers: int = 0  # offsite default E; 0: a third of the middle
+    rounds: int = 0  # federated offsite rounds; 0: no federated job
+    clients_per_round: int = 1
+    local_steps: int = 50
+    round_deadline_s: float = 600.0
+    fed_lora: LoraSettings = LoraSettings(targets=("all",))
+
+    def federation(self) -> FederatedSettings | None:
+        if not self.rounds:
+            return None
+        return FederatedSettings(self.rounds, self.clients_per_round, self.local_steps, self.round_deadline_s,
+                                 self.fed_lora)
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,6 +68,11 @@ class ServeConfig:
             problems.append("--max-streams-per-client and --idle-timeout must be positive")
         if self.workers < 1:
             problems.append(f"--workers {self.workers}: must be at least 1")
+        if self.emulator_layers < 0 or self.rounds < 0:
+            problems.append("--emulator-layers and --rounds must not be negative")
+        federation = self.federation()
+        if federation is not None:
+            problems.extend(federation.problems())
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -64,7 +83,11 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     model_dir = resolve_model(cfg.model)
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
-    coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits)
+    coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits,
+                              default_emulator_layers=cfg.emulator_layers, federation=cfg.federation())
+    if coordinator.job is not None:
+        print(f"federated job {coordinator.job.job_id}: {cfg.rounds} rounds, {cfg.clients_per_round} clients "
+              f"per round, {cfg.local_steps} local steps, deadline {cfg.round_deadline_s:g} s", flush=True)
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
     health = HealthServicer()

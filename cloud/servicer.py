@@ -114,6 +114,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return self._streaming("PullAdapter", context, lambda who: (
             serde.file_chunk_to_proto(c) for c in self.c.pull_adapter(who, request.adapter_id)))
 
+    def NextRound(self, request, context):  # noqa: N802
+        return self._unary("NextRound", context, lambda who: serde.round_task_to_proto(
+            self.c.next_round(who, serde.round_request_from_proto(request))))
+
+    def SubmitUpdate(self, request_iterator, context):  # noqa: N802
+        return self._unary("SubmitUpdate", context, lambda who: serde.adapter_meta_to_proto(
+            self.c.submit_update(who, (serde.adapter_upload_from_proto(m) for m in request_iterator))))
+
 
 def add_to_server(coordinator: Coordinator, auth: Authenticator, server: grpc.Server) -> None:
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, auth), server)

@@ -24,7 +24,7 @@ class Session:
     owner: str
     mode: str
     plan: SplitPlan
-    runner: BackboneRunner | DloraBackbone
+    runner: BackboneRunner | DloraBackbone | None  # None for offsite sessions: the edge trains without the middle
     created: float = field(default_factory=time.time)
     pending_step: int | None = None
     pending: PendingBackward | None = None
@@ -41,7 +41,7 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner | DloraBackbone,
+    def open(self, owner: str, mode: str, plan: SplitPlan, runner: BackboneRunner | DloraBackbone | None,
              remote_sites: tuple[str, ...] = (), session_id: str | None = None) -> Session:
         session_id = session_id or "se-" + uuid.uuid4().hex[:16]
         session = Session(session_id, owner, mode, plan, runner, remote_sites=remote_sites)

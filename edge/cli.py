@@ -18,8 +18,10 @@ from edge.client import CloudCallError, CloudClient
 from edge.data import DataError, load_eval, parse_eval
 from edge.dlora import load_dlora_adapter
 from edge.kill_revive import KillReviveConfig
+from edge.offsite import evaluate_offsite, train_offsite
 from edge.train import (
     MODES,
+    TUNES,
     WIRE_CHOICES,
     ConfigError,
     EdgeSession,
@@ -34,7 +36,7 @@ from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
 from protocol.diagnose import diagnose_connection
 
-DEFAULT_WIRE = {"split": "float32", "dlora": "int8"}  # from docs/dlora_benchmark.md
+DEFAULT_WIRE = {"split": "float32", "dlora": "int8", "offsite": "float32"}  # from docs/dlora_benchmark.md
 USER_ERRORS = (ConfigError, DataError, CredentialError, FileNotFoundError, AdapterMismatchError, CheckpointError)
 
 
@@ -59,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retries", type=int, default=d["retries"].default,
                    help="attempts per step while the cloud is unreachable")
     t.add_argument("--mode", default="split", choices=list(MODES),
-                   help="split: LoRA on the edge-held blocks; dlora: LoRA on every block, all kept on the edge")
+                   help="split: LoRA on the edge-held blocks, the cloud runs the middle every step; dlora: LoRA "
+                        "on every block, all kept on the edge; offsite: train offline against an emulator")
+    t.add_argument("--tune", default="lora", choices=list(TUNES),
+                   help="offsite: LoRA on the adapter blocks, or full tuning of the adapter blocks")
+    t.add_argument("--emulator-layers", type=int, default=0, help="offsite: emulator depth E (0: the cloud's)")
+    t.add_argument("--federated", action="store_true", help="offsite: join the cloud's FedAvg rounds")
     t.add_argument("--steps", type=int, default=d["steps"].default)
     t.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     t.add_argument("--seq-len", type=int, default=d["seq_len"].default)
@@ -91,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     _connection(e)
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--adapter", type=Path, help="PEFT adapter directory (default: the base model)")
-    e.add_argument("--mode", default="split", choices=list(MODES), help="dlora: an adapter trained in dlora mode")
+    e.add_argument("--mode", default="split", choices=list(MODES),
+                   help="dlora: an adapter trained in dlora mode; offsite: emulator zero-shot, emulator + "
+                        "adapter, and plug-in by split inference")
     e.add_argument("--edge-layers", type=int, default=0)
+    e.add_argument("--emulator-layers", type=int, default=0)
     e.add_argument("--seq-len", type=int, default=d["seq_len"].default)
     e.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
     ls = sub.add_parser("list", help="list the adapters this identity owns")
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    raw = args.lora_targets if args.lora_targets is not None else ("all" if args.mode == "split" else "")
+    raw = args.lora_targets if args.lora_targets is not None else ("" if args.mode == "dlora" else "all")
     targets = tuple(t for t in raw.split(",") if t)
     wire = args.wire_dtype or DEFAULT_WIRE[args.mode]
     out = args.resume or args.out
@@ -118,13 +128,25 @@ def _train(args: argparse.Namespace) -> None:
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=wire,
         eval_batch=args.eval_batch, seed=args.seed, threads=args.threads,
         kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema), eval_before=not args.no_eval_before,
-        checkpoint_every=args.checkpoint_every, resume=args.resume is not None, retries=args.retries)
-    metrics = train(cfg)
+        checkpoint_every=args.checkpoint_every, resume=args.resume is not None, retries=args.retries,
+        tune=args.tune, emulator_layers=args.emulator_layers, federated=args.federated)
+    metrics = train_offsite(cfg) if cfg.mode == "offsite" else train(cfg)
     print(f"adapter {metrics.adapter_id} registered; files in {out / 'adapter'}, "
           f"metrics in {out / 'metrics.json'}")
 
 
+def _eval_offsite(args: argparse.Namespace) -> None:
+    result = evaluate_offsite(args.cloud, args.identity, args.data, args.adapter, args.edge_layers,
+                              args.emulator_layers, args.seq_len, args.eval_batch)
+    print(json.dumps({"eval_emulator_zero_shot": result.emulator_zero_shot,
+                      "eval_emulator_adapter": result.emulator_adapter, "eval_plug_in": result.plug_in,
+                      "eval_rows": result.rows, "eval_bytes_sent": result.traffic.bytes_sent,
+                      "eval_bytes_received": result.traffic.bytes_received}))
+
+
 def _eval(args: argparse.Namespace) -> None:
+    if args.mode == "offsite":
+        return _eval_offsite(args)
     parse_eval(args.data)
     if args.mode == "dlora" and args.adapter is None:
         raise ConfigError("--mode dlora evaluates a dlora adapter: pass --adapter DIR")

@@ -19,7 +19,16 @@ from protocol import serde
 from protocol.accounting import Traffic
 from protocol.channel import with_retry
 from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
-from protocol.types import AdapterMeta, AdapterUpload, EdgeMessage, OpenSessionRequest, Phase, SessionInfo
+from protocol.types import (
+    AdapterMeta,
+    AdapterUpload,
+    EdgeMessage,
+    OpenSessionRequest,
+    Phase,
+    RoundRequest,
+    RoundTask,
+    SessionInfo,
+)
 
 
 class CloudCallError(RuntimeError):
@@ -53,9 +62,14 @@ class CloudClient:
     def __post_init__(self) -> None:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
-    def open_session(self, mode: str, edge_layers: int = 0, lora_targets: tuple[str, ...] = ()) -> SessionInfo:
-        request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers, lora_targets))
+    def open_session(self, mode: str, edge_layers: int = 0, lora_targets: tuple[str, ...] = (),
+                     emulator_layers: int = 0, traffic: Traffic | None = None) -> SessionInfo:
+        """Opens a session; ``traffic`` (if given) counts the request and the reply."""
+        request = serde.open_session_to_proto(OpenSessionRequest(mode, edge_layers, lora_targets, emulator_layers))
         reply = _call("OpenSession", lambda: self.stub.OpenSession(request, timeout=600))
+        if traffic is not None:
+            traffic.sent(request.ByteSize(), 0)
+            traffic.received(reply.ByteSize(), 0)
         return serde.session_info_from_proto(reply)
 
     def bundle(self, info: SessionInfo) -> Path:
@@ -67,6 +81,7 @@ class CloudClient:
         try:
             def fetch() -> list[str]:
                 request = pb.FetchBundleRequest(bundle_id=info.model.bundle_id)
+                self.setup.sent(request.ByteSize(), 0)
                 return receive_files(self._count(self.stub.FetchBundle(request), self.setup), tmp)
             _call("FetchBundle", fetch)
             if not target.exists():
@@ -75,23 +90,35 @@ class CloudClient:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
 
-    def register_adapter(self, directory: Path, meta: AdapterMeta) -> AdapterMeta:
-        def uploads() -> Iterator[pb.AdapterUpload]:
-            yield serde.adapter_upload_to_proto(AdapterUpload(meta=meta))
-            for path in sorted(directory.iterdir()):
-                for chunk in file_chunks(path):
-                    yield serde.adapter_upload_to_proto(AdapterUpload(file=chunk))
-        reply = _call("RegisterAdapter", lambda: self.stub.RegisterAdapter(uploads(), timeout=600))
+    def register_adapter(self, directory: Path, meta: AdapterMeta, traffic: Traffic | None = None) -> AdapterMeta:
+        """Uploads an adapter directory; ``traffic`` (if given) counts the upload and the reply."""
+        counted = traffic if traffic is not None else Traffic()
+        reply = _call("RegisterAdapter", lambda: self.stub.RegisterAdapter(
+            _uploads(directory, meta, counted), timeout=600))
+        counted.received(reply.ByteSize(), 0)
         return serde.adapter_meta_from_proto(reply)
+
+    def submit_update(self, directory: Path, meta: AdapterMeta, traffic: Traffic | None = None) -> AdapterMeta:
+        """Uploads a federated round's update (``meta`` names job, round and example count)."""
+        counted = traffic if traffic is not None else Traffic()
+        reply = _call("SubmitUpdate", lambda: self.stub.SubmitUpdate(_uploads(directory, meta, counted), timeout=600))
+        counted.received(reply.ByteSize(), 0)
+        return serde.adapter_meta_from_proto(reply)
+
+    def next_round(self, after_round: int, wait_s: float = 30.0) -> RoundTask:
+        request = serde.round_request_to_proto(RoundRequest(after_round, wait_s))
+        reply = _call("NextRound", lambda: self.stub.NextRound(request, timeout=wait_s + 60))
+        return serde.round_task_from_proto(reply)
 
     def list_adapters(self) -> list[AdapterMeta]:
         reply = _call("ListAdapters", lambda: self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60))
         return serde.adapter_list_from_proto(reply).adapters
 
-    def pull_adapter(self, adapter_id: str, out: Path) -> list[str]:
+    def pull_adapter(self, adapter_id: str, out: Path, traffic: Traffic | None = None) -> list[str]:
         request = pb.PullAdapterRequest(adapter_id=adapter_id)
+        counted = traffic if traffic is not None else Traffic()
         return _call("PullAdapter", lambda: receive_files(
-            (serde.file_chunk_from_proto(c) for c in self.stub.PullAdapter(request, timeout=600)), out))
+            self._count(self.stub.PullAdapter(request, timeout=600), counted), out))
 
     def train_stream(self, session: SessionInfo) -> TrainStream:
         return TrainStream(self.stub, session.session_id)
@@ -101,6 +128,18 @@ class CloudClient:
         for reply in replies:
             traffic.received(reply.ByteSize(), len(reply.data))
             yield serde.file_chunk_from_proto(reply)
+
+
+def _uploads(directory: Path, meta: AdapterMeta, traffic: Traffic) -> Iterator[pb.AdapterUpload]:
+    """The upload stream of an adapter directory: metadata first, then every file in chunks."""
+    first = serde.adapter_upload_to_proto(AdapterUpload(meta=meta))
+    traffic.sent(first.ByteSize(), 0)
+    yield first
+    for path in sorted(directory.iterdir()):
+        for chunk in file_chunks(path):
+            message = serde.adapter_upload_to_proto(AdapterUpload(file=chunk))
+            traffic.sent(message.ByteSize(), len(chunk.data))
+            yield message
 
 
 _END = object()

@@ -71,6 +71,7 @@ class RunMetrics:
     adapter_id: str = ""
     setup: Traffic = field(default_factory=Traffic)
     train: Traffic = field(default_factory=Traffic)
+    upload: Traffic = field(default_factory=Traffic)  # adapter uploads outside the training phase
     eval: Traffic = field(default_factory=Traffic)
     steps: list[StepRecord] = field(default_factory=list)
     wall_s: float = 0.0
@@ -81,6 +82,7 @@ class RunMetrics:
     truncated_rows: int = 0
     modules: list[dict[str, Any]] = field(default_factory=list)  # per-module rows, see edge/module_report.py
     kr_events: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # mode-specific fields, merged at the top level
 
     def as_dict(self) -> dict[str, Any]:
         steps = self.steps
@@ -100,15 +102,18 @@ class RunMetrics:
             "cloud_compute_s": sum(s.cloud_compute_s for s in steps),
             "wall_s": self.wall_s,
             "train_wall_s": sum(s.wall_s for s in steps),
+            "tokens_per_s": _ratio(sum(s.tokens for s in steps), sum(s.wall_s for s in steps)),
             "edge_peak_rss_mb": peak_rss_mb(),
             "train_rows": self.train_rows,
             "truncated_rows": self.truncated_rows,
             **self.setup.as_dict("setup_"),
+            **self.upload.as_dict("upload_"),
         }
         if self.eval_accuracy_before is not None or self.eval_accuracy_after is not None:
             out.update(eval_accuracy_before=self.eval_accuracy_before,
                        eval_accuracy_after=self.eval_accuracy_after, eval_rows=self.eval_rows,
                        **self.eval.as_dict("eval_"))
+        out.update(self.extra)
         out["settings"] = self.settings
         out["per_module"] = self.modules
         out["kr_events"] = self.kr_events
@@ -120,3 +125,7 @@ class RunMetrics:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.as_dict(), indent=2))
         tmp.replace(path)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0

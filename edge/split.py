@@ -66,8 +66,11 @@ class LocalMiddle:
         assert self._pending is not None, "backward without forward"
         inputs, out = self._pending
         self._pending = None
-        (grad_in,) = torch.autograd.grad(out, inputs, grad)
-        return grad_in, 0.0
+        # .backward, not autograd.grad: the FLOP counter's module hooks do not support autograd.grad
+        # on a leaf. A frozen middle (requires_grad False) accumulates nothing but the input gradient.
+        out.backward(grad)
+        assert inputs.grad is not None
+        return inputs.grad, 0.0
 
 
 def completion_loss(model: EdgeModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

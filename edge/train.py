@@ -1,4 +1,8 @@
-"""The edge recipes: ``train`` (split or dlora mode) and ``evaluate``, each setup -> work -> cleanup."""
+"""The edge recipes: ``train`` (split or dlora mode) and ``evaluate``, each setup -> work -> cleanup.
+
+Offsite mode has its own recipe in :mod:`edge.offsite`; it shares :class:`TrainConfig`,
+:func:`evaluate` and :func:`train_loop` with this one.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from protocol.channel import RETRYABLE, secure_channel
 from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
 from protocol.types import AdapterMeta, SessionInfo
 
-MODES = ("split", "dlora")
+MODES = ("split", "dlora", "offsite")
+TUNES = ("lora", "full")
 WIRE_CHOICES = (*WIRE_ALIASES, *WIRE_DTYPES)
 
 
@@ -73,6 +78,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints in RUN/checkpoint (0: none)
     resume: bool = False  # continue from RUN/checkpoint
     retries: int = 8  # attempts per step when the cloud is unreachable (capped, jittered backoff)
+    tune: str = "lora"  # offsite: "lora" (LoRA on the adapter blocks) or "full" (the adapter blocks' weights)
+    emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
+    federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +89,12 @@ class TrainConfig:
         problems += self.kr.problems()
         if self.kr.enabled and self.mode != "dlora":
             problems.append(f"--kr-budget {self.kr.budget}: Kill-and-Revive needs --mode dlora")
+        if self.tune not in TUNES:
+            problems.append(f"--tune {self.tune!r}: choose one of {', '.join(TUNES)}")
+        if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers):
+            problems.append("--tune full, --federated and --emulator-layers need --mode offsite")
+        if self.federated and self.tune != "lora":
+            problems.append("--federated rounds average LoRA adapters; drop --tune full")
         for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
                             ("--lora-rank", self.lora.rank), ("--eval-batch", self.eval_batch)):
             if value < 1:
@@ -217,7 +231,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed (paths and threads may differ)."""
     keep = ("mode", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "clip", "edge_layers",
-            "lora", "wire_dtype", "seed", "kr")
+            "lora", "wire_dtype", "seed", "kr", "tune", "emulator_layers")
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}, default=str))
 
 
@@ -252,11 +266,22 @@ def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings:
     save_adapter(directory, state, peft_config(model, settings, spec, model_name, extra_targets=extra))
 
 
+def train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, cfg: TrainConfig,
+               params: list[torch.nn.Parameter] | None = None) -> list[StepRecord]:
+    """``cfg.steps`` optimizer steps of ``params`` (default: the LoRA parameters) through ``link``,
+    with checkpoints and ``--resume`` like every mode (offsite uses it with its local emulator)."""
+    modules = LoraModules(model, model.bottom.spec)
+    named = {f"param#{i}": p for i, p in enumerate(params)} if params is not None else None
+    records, _, _ = _train_loop(model, link, modules, data, pad_id, cfg, named=named)
+    return records
+
+
 def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: Dataset, pad_id: int,
                 cfg: TrainConfig, reconnect: Callable[[], None] | None = None,
-                extra: dict[str, Any] | None = None) -> tuple[list[StepRecord], ModuleTally, KillRevive]:
+                extra: dict[str, Any] | None = None,
+                named: dict[str, torch.nn.Parameter] | None = None) -> tuple[list[StepRecord], ModuleTally, KillRevive]:
     extra = extra or {}
-    named = {f"{name}#{i}": p for name in modules.names for i, p in enumerate(modules.parameters(name))}
+    named = named or {f"{name}#{i}": p for name in modules.names for i, p in enumerate(modules.parameters(name))}
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,

@@ -198,8 +198,13 @@ def extract_edge(model: PreTrainedModel, plan: SplitPlan) -> EdgeModel:
 
 def extract_middle(model: PreTrainedModel, plan: SplitPlan) -> BlockStack:
     """A copy of the cloud-held middle blocks."""
+    return extract_blocks(model, plan.middle)
+
+
+def extract_blocks(model: PreTrainedModel, indices: list[int]) -> BlockStack:
+    """A copy of the blocks at ``indices`` (full-model numbering), run in that order."""
     spec = arch_for(model.config)
-    return BlockStack(_pick(model, plan.middle), spec, _rotary(model, spec))
+    return BlockStack(_pick(model, indices), spec, _rotary(model, spec))
 
 
 _SEGMENT_BLOCK = re.compile(r"^(?:bottom\.|top\.)?stack\.layers\.(\d+)\.")

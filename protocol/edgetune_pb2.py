@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocol/edgetune.proto\x12\x0b\x65\x64getune.v1\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9a\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x65\x64ge_layers\x18\x05 \x01(\x05\x12\x11\n\tbundle_id\x18\x06 \x01(\t\x12\x14\n\x0c\x62undle_bytes\x18\x07 \x01(\x04\"M\n\x12OpenSessionRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ge_layers\x18\x02 \x01(\x05\x12\x14\n\x0clora_targets\x18\x03 \x03(\t\"^\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.ModelInfo\x12\x14\n\x0cremote_sites\x18\x03 \x03(\t\"\'\n\x12\x46\x65tchBundleRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"\xa6\x01\n\x0b\x45\x64geMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x05phase\x18\x03 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x12\n\nsite_group\x18\x05 \x01(\r\x12\x14\n\x0c\x61\x63tive_sites\x18\x06 \x03(\r\"\x90\x01\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x12\n\nsite_group\x18\x05 \x01(\r\"\xa1\x01\n\x0b\x41\x64\x61pterMeta\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\"]\n\rAdapterUpload\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.edgetune.v1.AdapterMeta\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.FileChunk\"\x15\n\x13ListAdaptersRequest\"?\n\x11ListAdaptersReply\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.edgetune.v1.AdapterMeta\"(\n\x12PullAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*\xbb\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rFORWARD_TRAIN\x10\x01\x12\x10\n\x0c\x46ORWARD_EVAL\x10\x02\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x03\x12\x0e\n\nACTIVATION\x10\x04\x12\x0c\n\x08GRADIENT\x10\x05\x12\x0e\n\nSITE_INPUT\x10\x06\x12\x0f\n\x0bSITE_OUTPUT\x10\x07\x12\x14\n\x10SITE_GRAD_OUTPUT\x10\x08\x12\x13\n\x0fSITE_GRAD_INPUT\x10\t2\xca\x03\n\x0b\x43oordinator\x12H\n\x0bOpenSession\x12\x1f.edgetune.v1.OpenSessionRequest\x1a\x18.edgetune.v1.SessionInfo\x12H\n\x0b\x46\x65tchBundle\x12\x1f.edgetune.v1.FetchBundleRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12@\n\x05Train\x12\x18.edgetune.v1.EdgeMessage\x1a\x19.edgetune.v1.CloudMessage(\x01\x30\x01\x12I\n\x0fRegisterAdapter\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x12P\n\x0cListAdapters\x12 .edgetune.v1.ListAdaptersRequest\x1a\x1e.edgetune.v1.ListAdaptersReply\x12H\n\x0bPullAdapter\x12\x1f.edgetune.v1.PullAdapterRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protocol/edgetune.proto\x12\x0b\x65\x64getune.v1\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xcf\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x65\x64ge_layers\x18\x05 \x01(\x05\x12\x11\n\tbundle_id\x18\x06 \x01(\t\x12\x14\n\x0c\x62undle_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x65mulator_layers\x18\x08 \x01(\x05\x12\x1a\n\x12\x65mulator_distilled\x18\t \x01(\x08\"f\n\x12OpenSessionRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ge_layers\x18\x02 \x01(\x05\x12\x14\n\x0clora_targets\x18\x03 \x03(\t\x12\x17\n\x0f\x65mulator_layers\x18\x04 \x01(\x05\"^\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.ModelInfo\x12\x14\n\x0cremote_sites\x18\x03 \x03(\t\"\'\n\x12\x46\x65tchBundleRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"\xa6\x01\n\x0b\x45\x64geMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x05phase\x18\x03 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x12\n\nsite_group\x18\x05 \x01(\r\x12\x14\n\x0c\x61\x63tive_sites\x18\x06 \x03(\r\"\x90\x01\n\x0c\x43loudMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.edgetune.v1.Phase\x12(\n\x06tensor\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunk\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x12\n\nsite_group\x18\x05 \x01(\r\"\xd6\x01\n\x0b\x41\x64\x61pterMeta\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\x05\x12\x14\n\x0cnum_examples\x18\x0b \x01(\x04\"]\n\rAdapterUpload\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.edgetune.v1.AdapterMeta\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.edgetune.v1.FileChunk\"\x15\n\x13ListAdaptersRequest\"?\n\x11ListAdaptersReply\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.edgetune.v1.AdapterMeta\"(\n\x12PullAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"3\n\x0cRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\x05\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x90\x01\n\tRoundTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x13\n\x0blocal_steps\x18\x04 \x01(\x05\x12\x19\n\x11global_adapter_id\x18\x05 \x01(\t\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01*\xbb\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rFORWARD_TRAIN\x10\x01\x12\x10\n\x0c\x46ORWARD_EVAL\x10\x02\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x03\x12\x0e\n\nACTIVATION\x10\x04\x12\x0c\n\x08GRADIENT\x10\x05\x12\x0e\n\nSITE_INPUT\x10\x06\x12\x0f\n\x0bSITE_OUTPUT\x10\x07\x12\x14\n\x10SITE_GRAD_OUTPUT\x10\x08\x12\x13\n\x0fSITE_GRAD_INPUT\x10\t2\xd2\x04\n\x0b\x43oordinator\x12H\n\x0bOpenSession\x12\x1f.edgetune.v1.OpenSessionRequest\x1a\x18.edgetune.v1.SessionInfo\x12H\n\x0b\x46\x65tchBundle\x12\x1f.edgetune.v1.FetchBundleRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12@\n\x05Train\x12\x18.edgetune.v1.EdgeMessage\x1a\x19.edgetune.v1.CloudMessage(\x01\x30\x01\x12I\n\x0fRegisterAdapter\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x12P\n\x0cListAdapters\x12 .edgetune.v1.ListAdaptersRequest\x1a\x1e.edgetune.v1.ListAdaptersReply\x12H\n\x0bPullAdapter\x12\x1f.edgetune.v1.PullAdapterRequest\x1a\x16.edgetune.v1.FileChunk0\x01\x12>\n\tNextRound\x12\x19.edgetune.v1.RoundRequest\x1a\x16.edgetune.v1.RoundTask\x12\x46\n\x0cSubmitUpdate\x12\x1a.edgetune.v1.AdapterUpload\x1a\x18.edgetune.v1.AdapterMeta(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.edgetune_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1323
-  _globals['_PHASE']._serialized_end=1510
+  _globals['_PHASE']._serialized_start=1654
+  _globals['_PHASE']._serialized_end=1841
   _globals['_TENSORCHUNK']._serialized_start=40
   _globals['_TENSORCHUNK']._serialized_end=148
   _globals['_FILECHUNK']._serialized_start=150
   _globals['_FILECHUNK']._serialized_end=242
   _globals['_MODELINFO']._serialized_start=245
-  _globals['_MODELINFO']._serialized_end=399
-  _globals['_OPENSESSIONREQUEST']._serialized_start=401
-  _globals['_OPENSESSIONREQUEST']._serialized_end=478
-  _globals['_SESSIONINFO']._serialized_start=480
-  _globals['_SESSIONINFO']._serialized_end=574
-  _globals['_FETCHBUNDLEREQUEST']._serialized_start=576
-  _globals['_FETCHBUNDLEREQUEST']._serialized_end=615
-  _globals['_EDGEMESSAGE']._serialized_start=618
-  _globals['_EDGEMESSAGE']._serialized_end=784
-  _globals['_CLOUDMESSAGE']._serialized_start=787
-  _globals['_CLOUDMESSAGE']._serialized_end=931
-  _globals['_ADAPTERMETA']._serialized_start=934
-  _globals['_ADAPTERMETA']._serialized_end=1095
-  _globals['_ADAPTERUPLOAD']._serialized_start=1097
-  _globals['_ADAPTERUPLOAD']._serialized_end=1190
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1192
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1213
-  _globals['_LISTADAPTERSREPLY']._serialized_start=1215
-  _globals['_LISTADAPTERSREPLY']._serialized_end=1278
-  _globals['_PULLADAPTERREQUEST']._serialized_start=1280
-  _globals['_PULLADAPTERREQUEST']._serialized_end=1320
-  _globals['_COORDINATOR']._serialized_start=1513
-  _globals['_COORDINATOR']._serialized_end=1971
+  _globals['_MODELINFO']._serialized_end=452
+  _globals['_OPENSESSIONREQUEST']._serialized_start=454
+  _globals['_OPENSESSIONREQUEST']._serialized_end=556
+  _globals['_SESSIONINFO']._serialized_start=558
+  _globals['_SESSIONINFO']._serialized_end=652
+  _globals['_FETCHBUNDLEREQUEST']._serialized_start=654
+  _globals['_FETCHBUNDLEREQUEST']._serialized_end=693
+  _globals['_EDGEMESSAGE']._serialized_start=696
+  _globals['_EDGEMESSAGE']._serialized_end=862
+  _globals['_CLOUDMESSAGE']._serialized_start=865
+  _globals['_CLOUDMESSAGE']._serialized_end=1009
+  _globals['_ADAPTERMETA']._serialized_start=1012
+  _globals['_ADAPTERMETA']._serialized_end=1226
+  _globals['_ADAPTERUPLOAD']._serialized_start=1228
+  _globals['_ADAPTERUPLOAD']._serialized_end=1321
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1323
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1344
+  _globals['_LISTADAPTERSREPLY']._serialized_start=1346
+  _globals['_LISTADAPTERSREPLY']._serialized_end=1409
+  _globals['_PULLADAPTERREQUEST']._serialized_start=1411
+  _globals['_PULLADAPTERREQUEST']._serialized_end=1451
+  _globals['_ROUNDREQUEST']._serialized_start=1453
+  _globals['_ROUNDREQUEST']._serialized_end=1504
+  _globals['_ROUNDTASK']._serialized_start=1507
+  _globals['_ROUNDTASK']._serialized_end=1651
+  _globals['_COORDINATOR']._serialized_start=1844
+  _globals['_COORDINATOR']._serialized_end=2438
 # @@protoc_insertion_point(module_scope)

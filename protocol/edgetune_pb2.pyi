@@ -62,7 +62,7 @@ class FileChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_type", "num_blocks", "hidden_size", "edge_layers", "bundle_id", "bundle_bytes")
+    __slots__ = ("model_name", "model_type", "num_blocks", "hidden_size", "edge_layers", "bundle_id", "bundle_bytes", "emulator_layers", "emulator_distilled")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class ModelInfo(_message.Message):
     EDGE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EMULATOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EMULATOR_DISTILLED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_type: str
     num_blocks: int
@@ -77,17 +79,21 @@ class ModelInfo(_message.Message):
     edge_layers: int
     bundle_id: str
     bundle_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., edge_layers: _Optional[int] = ..., bundle_id: _Optional[str] = ..., bundle_bytes: _Optional[int] = ...) -> None: ...
+    emulator_layers: int
+    emulator_distilled: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., edge_layers: _Optional[int] = ..., bundle_id: _Optional[str] = ..., bundle_bytes: _Optional[int] = ..., emulator_layers: _Optional[int] = ..., emulator_distilled: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("mode", "edge_layers", "lora_targets")
+    __slots__ = ("mode", "edge_layers", "lora_targets", "emulator_layers")
     MODE_FIELD_NUMBER: _ClassVar[int]
     EDGE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EMULATOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     edge_layers: int
     lora_targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, mode: _Optional[str] = ..., edge_layers: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    emulator_layers: int
+    def __init__(self, mode: _Optional[str] = ..., edge_layers: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ..., emulator_layers: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "model", "remote_sites")
@@ -136,7 +142,7 @@ class CloudMessage(_message.Message):
     def __init__(self, step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., compute_s: _Optional[float] = ..., site_group: _Optional[int] = ...) -> None: ...
 
 class AdapterMeta(_message.Message):
-    __slots__ = ("adapter_id", "owner", "mode", "base_model", "session_id", "created", "size_bytes", "metrics_json")
+    __slots__ = ("adapter_id", "owner", "mode", "base_model", "session_id", "created", "size_bytes", "metrics_json", "job_id", "round", "num_examples")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +151,9 @@ class AdapterMeta(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     owner: str
     mode: str
@@ -153,7 +162,10 @@ class AdapterMeta(_message.Message):
     created: str
     size_bytes: int
     metrics_json: str
-    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., mode: _Optional[str] = ..., base_model: _Optional[str] = ..., session_id: _Optional[str] = ..., created: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    job_id: str
+    round: int
+    num_examples: int
+    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., mode: _Optional[str] = ..., base_model: _Optional[str] = ..., session_id: _Optional[str] = ..., created: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metrics_json: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class AdapterUpload(_message.Message):
     __slots__ = ("meta", "file")
@@ -178,3 +190,29 @@ class PullAdapterRequest(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class RoundRequest(_message.Message):
+    __slots__ = ("after_round", "wait_s")
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    after_round: int
+    wait_s: float
+    def __init__(self, after_round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class RoundTask(_message.Message):
+    __slots__ = ("job_id", "round", "rounds", "local_steps", "global_adapter_id", "finished", "deadline_s")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    rounds: int
+    local_steps: int
+    global_adapter_id: str
+    finished: bool
+    deadline_s: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., global_adapter_id: _Optional[str] = ..., finished: _Optional[bool] = ..., deadline_s: _Optional[float] = ...) -> None: ...

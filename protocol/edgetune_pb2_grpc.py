@@ -65,6 +65,16 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_edgetune__pb2.PullAdapterRequest.SerializeToString,
                 response_deserializer=protocol_dot_edgetune__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.NextRound = channel.unary_unary(
+                '/edgetune.v1.Coordinator/NextRound',
+                request_serializer=protocol_dot_edgetune__pb2.RoundRequest.SerializeToString,
+                response_deserializer=protocol_dot_edgetune__pb2.RoundTask.FromString,
+                _registered_method=True)
+        self.SubmitUpdate = channel.stream_unary(
+                '/edgetune.v1.Coordinator/SubmitUpdate',
+                request_serializer=protocol_dot_edgetune__pb2.AdapterUpload.SerializeToString,
+                response_deserializer=protocol_dot_edgetune__pb2.AdapterMeta.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -109,6 +119,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextRound(self, request, context):
+        """Federated offsite rounds (FedAvg over adapters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitUpdate(self, request_iterator, context):
+        """A round's update: like RegisterAdapter, with job_id, round and num_examples in the metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +165,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PullAdapter,
                     request_deserializer=protocol_dot_edgetune__pb2.PullAdapterRequest.FromString,
                     response_serializer=protocol_dot_edgetune__pb2.FileChunk.SerializeToString,
+            ),
+            'NextRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextRound,
+                    request_deserializer=protocol_dot_edgetune__pb2.RoundRequest.FromString,
+                    response_serializer=protocol_dot_edgetune__pb2.RoundTask.SerializeToString,
+            ),
+            'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitUpdate,
+                    request_deserializer=protocol_dot_edgetune__pb2.AdapterUpload.FromString,
+                    response_serializer=protocol_dot_edgetune__pb2.AdapterMeta.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +339,60 @@ class Coordinator:
             '/edgetune.v1.Coordinator/PullAdapter',
             protocol_dot_edgetune__pb2.PullAdapterRequest.SerializeToString,
             protocol_dot_edgetune__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Coordinator/NextRound',
+            protocol_dot_edgetune__pb2.RoundRequest.SerializeToString,
+            protocol_dot_edgetune__pb2.RoundTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgetune.v1.Coordinator/SubmitUpdate',
+            protocol_dot_edgetune__pb2.AdapterUpload.SerializeToString,
+            protocol_dot_edgetune__pb2.AdapterMeta.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,8 @@ from protocol.types import (
     ModelInfo,
     OpenSessionRequest,
     Phase,
+    RoundRequest,
+    RoundTask,
     SessionInfo,
     TensorChunk,
 )
@@ -45,21 +47,25 @@ def file_chunk_from_proto(m: pb.FileChunk) -> FileChunk:
 def model_info_to_proto(i: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(model_name=i.model_name, model_type=i.model_type, num_blocks=i.num_blocks,
                         hidden_size=i.hidden_size, edge_layers=i.edge_layers, bundle_id=i.bundle_id,
-                        bundle_bytes=i.bundle_bytes)
+                        bundle_bytes=i.bundle_bytes, emulator_layers=i.emulator_layers,
+                        emulator_distilled=i.emulator_distilled)
 
 
 def model_info_from_proto(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(model_name=m.model_name, model_type=m.model_type, num_blocks=m.num_blocks,
                      hidden_size=m.hidden_size, edge_layers=m.edge_layers, bundle_id=m.bundle_id,
-                     bundle_bytes=m.bundle_bytes)
+                     bundle_bytes=m.bundle_bytes, emulator_layers=m.emulator_layers,
+                     emulator_distilled=m.emulator_distilled)
 
 
 def open_session_to_proto(r: OpenSessionRequest) -> pb.OpenSessionRequest:
-    return pb.OpenSessionRequest(mode=r.mode, edge_layers=r.edge_layers, lora_targets=list(r.lora_targets))
+    return pb.OpenSessionRequest(mode=r.mode, edge_layers=r.edge_layers, lora_targets=list(r.lora_targets),
+                                 emulator_layers=r.emulator_layers)
 
 
 def open_session_from_proto(m: pb.OpenSessionRequest) -> OpenSessionRequest:
-    return OpenSessionRequest(mode=m.mode, edge_layers=m.edge_layers, lora_targets=tuple(m.lora_targets))
+    return OpenSessionRequest(mode=m.mode, edge_layers=m.edge_layers, lora_targets=tuple(m.lora_targets),
+                              emulator_layers=m.emulator_layers)
 
 
 def session_info_to_proto(s: SessionInfo) -> pb.SessionInfo:
@@ -109,13 +115,15 @@ def cloud_message_from_proto(m: pb.CloudMessage) -> CloudMessage:
 def adapter_meta_to_proto(a: AdapterMeta) -> pb.AdapterMeta:
     return pb.AdapterMeta(adapter_id=a.adapter_id, owner=a.owner, mode=a.mode, base_model=a.base_model,
                           session_id=a.session_id, created=a.created, size_bytes=a.size_bytes,
-                          metrics_json=a.metrics_json)
+                          metrics_json=a.metrics_json, job_id=a.job_id, round=a.round,
+                          num_examples=a.num_examples)
 
 
 def adapter_meta_from_proto(m: pb.AdapterMeta) -> AdapterMeta:
     return AdapterMeta(adapter_id=m.adapter_id, owner=m.owner, mode=m.mode, base_model=m.base_model,
                        session_id=m.session_id, created=m.created, size_bytes=m.size_bytes,
-                       metrics_json=m.metrics_json or "{}")
+                       metrics_json=m.metrics_json or "{}", job_id=m.job_id, round=m.round,
+                       num_examples=m.num_examples)
 
 
 def adapter_upload_to_proto(u: AdapterUpload) -> pb.AdapterUpload:
@@ -140,3 +148,21 @@ def adapter_list_to_proto(a: AdapterList) -> pb.ListAdaptersReply:
 
 def adapter_list_from_proto(m: pb.ListAdaptersReply) -> AdapterList:
     return AdapterList([adapter_meta_from_proto(x) for x in m.adapters])
+
+
+def round_request_to_proto(r: RoundRequest) -> pb.RoundRequest:
+    return pb.RoundRequest(after_round=r.after_round, wait_s=r.wait_s)
+
+
+def round_request_from_proto(m: pb.RoundRequest) -> RoundRequest:
+    return RoundRequest(after_round=m.after_round, wait_s=m.wait_s)
+
+
+def round_task_to_proto(t: RoundTask) -> pb.RoundTask:
+    return pb.RoundTask(job_id=t.job_id, round=t.round, rounds=t.rounds, local_steps=t.local_steps,
+                        global_adapter_id=t.global_adapter_id, finished=t.finished, deadline_s=t.deadline_s)
+
+
+def round_task_from_proto(m: pb.RoundTask) -> RoundTask:
+    return RoundTask(job_id=m.job_id, round=m.round, rounds=m.rounds, local_steps=m.local_steps,
+                     global_adapter_id=m.global_adapter_id, finished=m.finished, deadline_s=m.deadline_s)

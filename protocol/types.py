@@ -61,6 +61,8 @@ class ModelInfo:
     edge_layers: int
     bundle_id: str
     bundle_bytes: int
+    emulator_layers: int = 0  # offsite bundles: blocks in the emulator of the middle
+    emulator_distilled: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class OpenSessionRequest:
     mode: str
     edge_layers: int = 0  # 0: the server's default
     lora_targets: tuple[str, ...] = ()  # dlora: projection names; empty: the family's default
+    emulator_layers: int = 0  # offsite only; 0: the server's default
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class AdapterMeta:
     created: str = ""
     size_bytes: int = 0
     metrics_json: str = "{}"
+    job_id: str = ""  # federated updates: the job, round and example count (FedAvg weight)
+    round: int = 0
+    num_examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,3 +131,24 @@ class AdapterUpload:
 @dataclass(frozen=True)
 class AdapterList:
     adapters: list[AdapterMeta] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """Asks for the next federated round after ``after_round``, waiting up to ``wait_s`` seconds."""
+
+    after_round: int = 0
+    wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """A federated round for one client; ``round == 0`` and not ``finished`` means: ask again."""
+
+    job_id: str
+    round: int = 0
+    rounds: int = 0
+    local_steps: int = 0
+    global_adapter_id: str = ""
+    finished: bool = False
+    deadline_s: float = 0.0

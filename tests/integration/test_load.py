@@ -25,9 +25,10 @@ CLIENTS, STEPS = 8, 25
 
 
 def train(model, link, seed, times=None):
-    torch.manual_seed(seed)
-    for p in lora_parameters(model).values():  # distinct weights per client make cross-talk visible
-        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(seed)  # torch's global RNG is shared by the client threads
+    with torch.no_grad():
+        for p in lora_parameters(model).values():  # distinct weights per client make cross-talk visible
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     params = list(lora_parameters(model).values())
     # Plain SGD: updates are linear in the gradients, so float rounding differences between the
     # server's threads and the reference stay at rounding size (Adam would amplify them near zero).

@@ -14,6 +14,8 @@ from protocol.types import (
     ModelInfo,
     OpenSessionRequest,
     Phase,
+    RoundRequest,
+    RoundTask,
     SessionInfo,
     TensorChunk,
 )
@@ -23,12 +25,23 @@ FILE = FileChunk("adapter_config.json", 3, 0, b"{}\n", "ab" * 32)
 META = AdapterMeta(mode="split", base_model="smollm2-135m", session_id="se-1", adapter_id="ad-1", owner="alice",
                    created="2026-12-01T00:00:00+00:00", size_bytes=10, metrics_json='{"a": 1}')
 INFO = ModelInfo("m", "llama", 30, 576, 2, "abc", 123)
+OFFSITE_INFO = ModelInfo("m", "llama", 30, 576, 2, "abc", 123, emulator_layers=8, emulator_distilled=True)
+UPDATE = AdapterMeta(mode="offsite", base_model="m", owner="bob", job_id="fed-1", round=3, num_examples=1200)
 
 CASES = [
     (CHUNK, serde.tensor_chunk_to_proto, serde.tensor_chunk_from_proto, pb.TensorChunk),
     (FILE, serde.file_chunk_to_proto, serde.file_chunk_from_proto, pb.FileChunk),
     (INFO, serde.model_info_to_proto, serde.model_info_from_proto, pb.ModelInfo),
     (OpenSessionRequest("split", 3), serde.open_session_to_proto, serde.open_session_from_proto, pb.OpenSessionRequest),
+    (OpenSessionRequest("offsite", 2, emulator_layers=8), serde.open_session_to_proto, serde.open_session_from_proto,
+     pb.OpenSessionRequest),
+    (OFFSITE_INFO, serde.model_info_to_proto, serde.model_info_from_proto, pb.ModelInfo),
+    (UPDATE, serde.adapter_meta_to_proto, serde.adapter_meta_from_proto, pb.AdapterMeta),
+    (RoundRequest(2, 12.5), serde.round_request_to_proto, serde.round_request_from_proto, pb.RoundRequest),
+    (RoundTask("fed-1", 2, 3, 40, "ad-9", False, 30.0), serde.round_task_to_proto, serde.round_task_from_proto,
+     pb.RoundTask),
+    (RoundTask("fed-1", 0, 3, 40, "ad-10", True), serde.round_task_to_proto, serde.round_task_from_proto,
+     pb.RoundTask),
     (SessionInfo("se-1", INFO), serde.session_info_to_proto, serde.session_info_from_proto, pb.SessionInfo),
     (OpenSessionRequest("dlora", 2, ("q_proj", "v_proj")), serde.open_session_to_proto,
      serde.open_session_from_proto, pb.OpenSessionRequest),

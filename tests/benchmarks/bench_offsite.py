@@ -1,0 +1,321 @@
+"""Offsite-Tuning benchmark on SmolLM2-135M and one client's Rotten Tomatoes data (not a pytest test).
+
+Side by side, on the same eval rows (paired) and the same training batches: full-model zero-shot,
+emulator zero-shot before and after distillation, emulator + offsite adapter, plug-in (full model +
+offsite adapter), and full-model LoRA with the same data and steps (the reference); edge tokens/s,
+FLOPs and peak memory of offsite training vs full-model LoRA (each in its own process, so peak RSS
+is its own), and the bytes each mode moves. Results accumulate in ``docs/offsite_benchmark.json``
+and are rendered to ``docs/offsite_benchmark.md`` after every phase, so each phase can run on its
+own (each stays well under 15 minutes on one CPU thread):
+
+    python tests/benchmarks/bench_offsite.py --phase zero-shot   # full model, both emulators
+    python tests/benchmarks/bench_offsite.py --phase offsite     # train on the emulator (child process)
+    python tests/benchmarks/bench_offsite.py --phase plug-in     # full model + offsite adapter
+    python tests/benchmarks/bench_offsite.py --phase full-lora   # reference (child process)
+
+The distilled emulator must be built first (resumable, cached in the store):
+    edgetune-cloud emulator build --model smollm2-135m --edge-layers 2 --emulator-layers 8 \
+        --distill-steps 300 --store STORE --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from cloud.emulators import EmulatorSpec, EmulatorStore, model_fingerprint  # noqa: E402
+from edge.data import IGNORE, load_eval, load_train, train_batches  # noqa: E402
+from edge.metrics import FlopMeter, peak_rss_mb  # noqa: E402
+from edge.offsite import load_kit  # noqa: E402
+from edge.split import LocalMiddle, split_step  # noqa: E402
+from edge.train import TrainConfig, evaluate  # noqa: E402
+from emulator.arch import arch_for  # noqa: E402
+from emulator.bundle import bundle_files, write_bundle  # noqa: E402
+from emulator.lora import LoraSettings, add_lora, lora_parameters  # noqa: E402
+from emulator.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from emulator.plugin import apply_to_edge  # noqa: E402
+from emulator.segments import plan_for, split_causal_lm  # noqa: E402
+from protocol.accounting import Traffic  # noqa: E402
+
+MODEL = "smollm2-135m"
+OUT_JSON, OUT_MD = REPO / "docs" / "offsite_benchmark.json", REPO / "docs" / "offsite_benchmark.md"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phase", required=True, choices=["zero-shot", "offsite", "plug-in", "full-lora", "report",
+                                                      "_train-offsite", "_train-full"])
+    p.add_argument("--data", type=Path, default=Path("/tmp/rt/client0"))
+    p.add_argument("--store", type=Path, default=Path("/tmp/offs/store"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/offs/bench"))
+    p.add_argument("--edge-layers", type=int, default=2)
+    p.add_argument("--emulator-layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-targets", default="all")
+    p.add_argument("--eval-rows", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def results() -> dict:
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+
+
+def record(section: str, values: dict) -> None:
+    data = results()
+    data[section] = values
+    OUT_JSON.write_text(json.dumps(data, indent=2))
+    OUT_MD.write_text(render(data))
+    print(json.dumps({section: values}, indent=2), flush=True)
+
+
+def eval_subset(args) -> Path:
+    """The first ``--eval-rows`` rows of the client's eval file (the same rows for every model)."""
+    path = args.work / f"eval-{args.eval_rows}.jsonl"
+    args.work.mkdir(parents=True, exist_ok=True)
+    lines = (args.data / "eval.jsonl").read_text().splitlines()[: args.eval_rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def emulators(args) -> dict[str, object]:
+    store, model_dir = EmulatorStore(args.store), resolve_model(MODEL)
+    found = store.find(model_fingerprint(model_dir), args.edge_layers, args.emulator_layers)
+    return {"distilled": found if found is not None and found.distilled else None}
+
+
+def phase_zero_shot(args) -> None:
+    model_dir = resolve_model(MODEL)
+    model = load_causal_lm(model_dir).requires_grad_(False)
+    tok = load_tokenizer(model_dir)
+    data = load_eval(eval_subset(args), tok, args.seq_len)
+    split = split_causal_lm(model, args.edge_layers)
+    out = {"eval_rows": len(data.examples), "model": MODEL, "edge_layers": args.edge_layers,
+           "emulator_layers": args.emulator_layers,
+           "majority_class": max(sum(ex.answer == c for ex in data.examples) for c in (0, 1)) / len(data.examples)}
+    t0 = time.perf_counter()
+    out["full_zero_shot"] = evaluate(split.edge, LocalMiddle(split.middle), data, tok.pad_token_id, 32, Traffic())
+    out["full_eval_s"] = time.perf_counter() - t0
+    store, fp = EmulatorStore(args.store), model_fingerprint(model_dir)
+    drop = store.build(model, MODEL, fp, EmulatorSpec(args.edge_layers, args.emulator_layers), progress=False)
+    out["emulator_blocks"] = drop.blocks
+    out["layer_drop_zero_shot"] = evaluate(split.edge, LocalMiddle(drop.load(model)), data, tok.pad_token_id, 32,
+                                           Traffic())
+    distilled = emulators(args)["distilled"]
+    if distilled is not None:
+        out["distilled_zero_shot"] = evaluate(split.edge, LocalMiddle(distilled.load(model)), data,
+                                              tok.pad_token_id, 32, Traffic())
+        out["distill"] = {k: distilled.meta.get(k) for k in ("key", "distill", "distill_data", "kd_before", "kd_after",
+                                                             "train_chunks", "held_out_chunks")}
+        bundle = write_bundle(model, model_dir, plan_for(model.config, args.edge_layers), args.store / "bundles",
+                              MODEL, distilled.load(model), distilled.public_meta())
+        out["offsite_bundle_dir"] = str(bundle)
+        out["offsite_bundle_bytes"] = sum(p.stat().st_size for p in bundle_files(bundle))
+    split_bundle = write_bundle(model, model_dir, plan_for(model.config, args.edge_layers), args.store / "bundles",
+                                MODEL)
+    out["split_bundle_bytes"] = sum(p.stat().st_size for p in bundle_files(split_bundle))
+    record("zero_shot", out)
+
+
+def train_config(args) -> TrainConfig:
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    return TrainConfig(cloud="-", identity=args.work, data=args.data / "train.jsonl", out=args.work / "offsite-run",
+                       mode="offsite", steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       warmup_steps=max(1, args.steps // 10), schedule="constant_with_warmup",
+                       lora=LoraSettings(8, 16, 0.0, targets), seed=args.seed)
+
+
+def timed_loop(step_fn, params, batches, cfg) -> dict:
+    """Runs ``cfg.steps`` steps; returns tokens/s, FLOPs/step and losses (the first 3 steps are warm-up)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.steps)
+    meter, losses, tokens, wall, warm = FlopMeter(), [], 0, 0.0, 3
+    for step in range(1, cfg.steps + 1):
+        ids, labels = next(batches)
+        t0 = time.perf_counter()
+        with meter.measure():
+            loss = step_fn(step, ids, labels)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > warm:
+            wall += time.perf_counter() - t0
+            tokens += ids.numel()
+        losses.append(loss)
+        if step % 25 == 0:
+            print(f"step {step}: loss {sum(losses[-25:]) / 25:.3f}, {tokens / max(wall, 1e-9):.0f} tok/s", flush=True)
+    return {"tokens_per_s": tokens / wall, "flops_per_step": meter.total / cfg.steps, "loss_first": losses[0],
+            "loss_last10": sum(losses[-10:]) / 10, "train_s": wall, "steps": cfg.steps}
+
+
+def child_offsite(args) -> None:
+    """Edge-side offsite training: only the bundle (embedding, adapter blocks, emulator) in memory."""
+    torch.set_num_threads(1)
+    bundle = Path(results()["zero_shot"]["offsite_bundle_dir"])
+    kit = load_kit(bundle)
+    cfg = train_config(args)
+    data = load_train(cfg.data, kit.tokenizer, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(kit.edge, cfg.lora, kit.spec)
+    link = kit.link()
+    out = timed_loop(lambda s, i, lab: split_step(model, link, s, i, lab, Traffic()).loss,
+                     list(lora_parameters(model).values()), train_batches(data, cfg.batch_size, kit.pad_id, cfg.seed),
+                     cfg)
+    out["peak_rss_mb"] = peak_rss_mb()
+    from edge.offsite import save_trained
+
+    adapter = save_trained(model, kit, cfg, args.work / "offsite-adapter")
+    out["adapter_dir"], out["adapter_bytes"] = str(adapter), sum(p.stat().st_size for p in adapter.iterdir())
+    eval_data = load_eval(eval_subset(args), kit.tokenizer, cfg.seq_len)
+    out["emulator_adapter"] = evaluate(model, link, eval_data, kit.pad_id, 32, Traffic())
+    out["train_rows"] = len(data.examples)
+    out["split_payload_bytes"] = split_payload(data, cfg, kit.pad_id, kit.edge.top.lm_head.in_features)
+    record("offsite", out)
+
+
+def split_payload(data, cfg, pad_id, hidden) -> int:
+    """What split mode would move for the same batches: 4 crossings of batch x seq x hidden x 4 bytes."""
+    batches = train_batches(data, cfg.batch_size, pad_id, cfg.seed)
+    return sum(4 * next(batches)[0].numel() * hidden * 4 for _ in range(cfg.steps))
+
+
+def full_loss(model, ids, labels) -> torch.Tensor:
+    """Completion loss of the whole model, with logits only at labelled positions (as the edge does)."""
+    features = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return F.cross_entropy(model.get_output_embeddings()(features[mask]).float(), targets[mask])
+
+
+def child_full(args) -> None:
+    """The reference: LoRA on every block of the full model, same data, batches, steps and settings."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.set_num_threads(1)
+    model_dir = resolve_model(MODEL)
+    model = load_causal_lm(model_dir).requires_grad_(False)
+    tok = load_tokenizer(model_dir)
+    cfg = train_config(args)
+    spec = arch_for(model.config)
+    torch.manual_seed(cfg.seed)
+    model = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=list(
+        cfg.lora.resolved_targets(spec)), bias="none"), model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    data = load_train(cfg.data, tok, cfg.seq_len)
+    model.train()
+
+    def step(_s, ids, labels):
+        loss = full_loss(model, ids, labels)
+        loss.backward()
+        return loss.item()
+
+    out = timed_loop(step, params, train_batches(data, cfg.batch_size, tok.pad_token_id, cfg.seed), cfg)
+    out["peak_rss_mb"] = peak_rss_mb()
+    model.eval()
+    full = split_causal_lm(model, args.edge_layers)
+    eval_data = load_eval(eval_subset(args), tok, cfg.seq_len)
+    out["accuracy"] = evaluate(full.edge, LocalMiddle(full.middle), eval_data, tok.pad_token_id, 32, Traffic())
+    record("full_lora", out)
+
+
+def phase_plug_in(args) -> None:
+    model_dir = resolve_model(MODEL)
+    model = load_causal_lm(model_dir).requires_grad_(False)
+    tok = load_tokenizer(model_dir)
+    split = split_causal_lm(model, args.edge_layers)
+    tuned = apply_to_edge(split.edge, Path(results()["offsite"]["adapter_dir"]), arch_for(model.config)).eval()
+    data = load_eval(eval_subset(args), tok, args.seq_len)
+    record("plug_in", {"accuracy": evaluate(tuned, LocalMiddle(split.middle), data, tok.pad_token_id, 32,
+                                            Traffic())})
+
+
+def child(args, phase: str) -> None:
+    cmd = [sys.executable, __file__, "--phase", phase, *sys.argv[3:]]
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def render(d: dict) -> str:
+    z, o, p, f = (d.get(k, {}) for k in ("zero_shot", "offsite", "plug_in", "full_lora"))
+
+    def acc(v):
+        return f"{v:.3f}" if isinstance(v, float) else "—"
+
+    rows = [("Majority class (always the more frequent label)", acc(z.get("majority_class"))),
+            ("Full model, zero-shot", acc(z.get("full_zero_shot"))),
+            (f"Emulator (layer drop, blocks {z.get('emulator_blocks', '?')}), zero-shot",
+             acc(z.get("layer_drop_zero_shot"))),
+            ("Emulator (distilled), zero-shot", acc(z.get("distilled_zero_shot"))),
+            ("Emulator (distilled) + offsite adapter", acc(o.get("emulator_adapter"))),
+            ("Plug-in: full model + offsite adapter", acc(p.get("accuracy"))),
+            ("Full-model LoRA, same data and steps (reference)", acc(f.get("accuracy")))]
+    lines = ["# Offsite-Tuning benchmark (SmolLM2-135M, Rotten Tomatoes, 1 CPU thread)", "",
+             f"Generated by `tests/benchmarks/bench_offsite.py`; {z.get('eval_rows', '?')} paired eval rows; "
+             f"K={z.get('edge_layers', '?')} adapter blocks at each end, E={z.get('emulator_layers', '?')} emulator "
+             f"blocks; {o.get('steps', '?')} steps of batch 8 x <= 64 tokens, LoRA r=8 on all projections.", "",
+             "| model | accuracy |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
+    if o and f:
+        flop_ratio = f["flops_per_step"] / o["flops_per_step"]
+        lines += ["| edge training | offsite (emulator) | full-model LoRA | ratio |", "|---|---|---|---|",
+                  f"| tokens/s | {o['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
+                  f"{o['tokens_per_s'] / f['tokens_per_s']:.2f}x |",
+                  f"| FLOPs/step | {o['flops_per_step'] / 1e9:.1f} G | {f['flops_per_step'] / 1e9:.1f} G | "
+                  f"{flop_ratio:.2f}x fewer (speed-up limit) |",
+                  f"| peak RSS | {o['peak_rss_mb']:.0f} MiB | {f['peak_rss_mb']:.0f} MiB | "
+                  f"{o['peak_rss_mb'] / f['peak_rss_mb']:.2f}x |", ""]
+    if o and z.get("offsite_bundle_bytes"):
+        lines += ["| bytes moved | offsite | split mode (same batches) |", "|---|---|---|",
+                  f"| set-up download | {z['offsite_bundle_bytes'] / 2**20:.1f} MiB (bundle with emulator) | "
+                  f"{z['split_bundle_bytes'] / 2**20:.1f} MiB (bundle) |",
+                  f"| training | 0 | {o['split_payload_bytes'] / 2**20:.0f} MiB payload |",
+                  f"| upload | {o['adapter_bytes'] / 2**20:.2f} MiB (adapter) | "
+                  f"{o['adapter_bytes'] / 2**20:.2f} MiB (adapter) |", ""]
+    if z.get("distill"):
+        dd = z["distill"]
+        lines += [f"Distillation ({dd['distill_data']}, {dd['distill']['steps']} steps, lr {dd['distill']['lr']}, "
+                  f"batch {dd['distill']['batch_size']} x {dd['distill']['seq_len']}): held-out KD loss "
+                  f"{dd['kd_before']['total']:.3f} -> {dd['kd_after']['total']:.3f} "
+                  f"(CE {dd['kd_before']['ce']:.3f} -> {dd['kd_after']['ce']:.3f}, hidden "
+                  f"{dd['kd_before']['hidden']:.3f} -> {dd['kd_after']['hidden']:.3f}).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    if args.phase == "zero-shot":
+        phase_zero_shot(args)
+    elif args.phase == "offsite":
+        child(args, "_train-offsite")
+    elif args.phase == "_train-offsite":
+        child_offsite(args)
+    elif args.phase == "plug-in":
+        phase_plug_in(args)
+    elif args.phase == "full-lora":
+        child(args, "_train-full")
+    elif args.phase == "_train-full":
+        child_full(args)
+    else:
+        OUT_MD.write_text(render(results()))
+
+
+if __name__ == "__main__":
+    main()
