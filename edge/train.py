@@ -193,7 +193,6 @@ def train(cfg: TrainConfig) -> RunMetrics:
         resumed = peek_checkpoint(cfg.out) if cfg.resume else None
         if resumed is not None:
             metrics.eval_accuracy_before = resumed.extra.get("eval_accuracy_before")
-            print(f"[edgetune] resuming {cfg.out} after step {resumed.step}")
         elif eval_data is not None and cfg.eval_before:
             metrics.eval_rows = len(eval_data.examples)
             metrics.eval_accuracy_before = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
@@ -292,6 +291,7 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
     if cfg.resume:
         state = load_checkpoint(cfg.out, named, optimizer, scheduler, settings)
         done, records = state.step, [StepRecord.from_dict(r) for r in state.records]
+        print(f"[edgetune] resuming {cfg.out} after step {done}", flush=True)
         restore_progress(kr, tally, state.extra)
     batches = train_batches(data, cfg.batch_size, pad_id, cfg.seed)
     for _ in range(done):  # the data position: the same batches in the same order as an unbroken run
