@@ -23,8 +23,9 @@ test: $(STAMP)
 	$(PY) -m mypy cloud edge protocol emulator
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+DEMO_MODES ?= split,dlora+KR,offsite
 demo: $(STAMP)
-	$(PY) deploy/demo.py
+	$(PY) deploy/demo.py --modes $(DEMO_MODES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
