@@ -13,32 +13,14 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from protocol.fileio import atomic_write
+
 NONCE_BYTES = 12
 KEY_FILE = "store.key"
 
 
 class CorruptArtifactError(Exception):
     """A stored artifact failed authentication: tampered with, truncated or misplaced."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` so that a crash leaves either the old file or the new one (temp, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Vault:

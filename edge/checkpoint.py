@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
+
+from protocol.fileio import atomic_write
 
 CHECKPOINT = "checkpoint"
 
@@ -38,31 +39,17 @@ class Checkpoint:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run: Path, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: Checkpoint) -> None:
     """Writes a checkpoint of ``params`` (trainable tensors by name) and the optimizer after ``state.step``."""
     directory = run / CHECKPOINT
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / "trainable.safetensors", save({n: p.detach().contiguous() for n, p in params.items()}))
+    atomic_write(directory / "trainable.safetensors", save({n: p.detach().contiguous() for n, p in params.items()}))
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, buffer)
-    _atomic(directory / "optimizer.pt", buffer.getvalue())
-    _atomic(directory / "state.json", json.dumps(state.__dict__, indent=1).encode())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(directory / "optimizer.pt", buffer.getvalue())
+    atomic_write(directory / "state.json", json.dumps(state.__dict__, indent=1).encode())
 
 
 def peek_checkpoint(run: Path) -> Checkpoint | None:

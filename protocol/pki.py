@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.fileio import atomic_write
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_DAYS = 365
 
@@ -109,7 +111,7 @@ def revoke_client(directory: Path, name: str) -> int:
     entries = json.loads(path.read_text())["revoked"] if path.is_file() else []
     entries.append({"name": name, "serial": f"{serial:x}",
                     "revoked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-    _atomic_write(path, json.dumps({"revoked": entries}, indent=2).encode())
+    atomic_write(path, json.dumps({"revoked": entries}, indent=2).encode())
     retired = directory / "clients" / ".revoked" / f"{name}-{serial:x}"
     retired.parent.mkdir(parents=True, exist_ok=True)
     os.replace(cert_path.parent, retired)
@@ -140,15 +142,6 @@ class RevocationList:
                 self._serials = frozenset(int(e["serial"], 16) for e in entries)
                 self._stamp = stamp
             return self._serials
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int,

@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from cloud.errors import InvalidArgument, NotFound
 from cloud.registry import AdapterRegistry
-from cloud.vault import CorruptArtifactError, Vault, atomic_write
+from cloud.vault import CorruptArtifactError, Vault
+from protocol.fileio import atomic_write
 from protocol.types import AdapterMeta
 
 
@@ -92,7 +93,7 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
 
     def boom(src, dst):
         raise OSError("crash before rename")
-    monkeypatch.setattr("cloud.vault.os.replace", boom)
+    monkeypatch.setattr("protocol.fileio.os.replace", boom)
     with pytest.raises(OSError):
         atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
