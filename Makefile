@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m mypy cloud edge protocol emulator
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job (about 9 minutes on 2 cores): split mode. `make demo-all` adds the dlora+KR and
+# The main job (about 8 minutes on 2 cores): split mode. `make demo-all` adds the dlora+KR and
 # offsite runs (about 20 minutes; the first offsite demo also distils its emulator once, 15-25 min).
 DEMO_MODES ?= split
 demo: $(STAMP)

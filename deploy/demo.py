@@ -60,7 +60,7 @@ def main() -> int:
     ap.add_argument("--eval-rows", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for each of cloud and edge")
     ap.add_argument("--modes", default=",".join(r.name for r in RUNS),
-                    help="comma-separated runs to do (split first; e.g. 'split' alone takes about 9 minutes)")
+                    help="comma-separated runs to do (split first; 'split' alone takes about 8 minutes)")
     args = ap.parse_args()
     runs = [r for r in RUNS if r.name in args.modes.split(",")]
     if not runs or runs[0].name != "split":

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from cloud.federated import fedavg
-from edge.client import CloudClient
+from edge.client import CloudCallError, CloudClient
 from edge.data import load_eval
 from edge.offsite import train_offsite
 from edge.split import LocalMiddle, score_examples
@@ -23,6 +23,7 @@ from emulator.plugin import adapter_state, apply_to_edge, plug_in
 from emulator.segments import split_causal_lm
 from protocol.accounting import GRPC_FRAME_BYTES, Traffic
 from protocol.channel import secure_channel
+from protocol.pki import issue_client
 from tests.conftest import REPO, start_cloud, stop_cloud
 from tests.tiny_models import tiny_tokenizer
 
@@ -201,3 +202,12 @@ def test_two_clients_run_fedavg_rounds_and_both_pull_the_final_adapter(offsite_c
         torch.testing.assert_close(final[key], value)
     assert (runs["bob"] / "adapter" / "adapter_model.safetensors").read_bytes() == (
         runs["alice"] / "adapter" / "adapter_model.safetensors").read_bytes()
+    # A third identity that took no part sees neither the global adapter nor anyone's updates.
+    outsider = pki / "clients" / "fed-outsider"
+    if not outsider.exists():
+        issue_client(pki, "fed-outsider")
+    with secure_channel(offsite_cloud.address, outsider) as channel:
+        client = CloudClient(channel)
+        assert client.list_adapters() == []
+        with pytest.raises(CloudCallError, match="NOT_FOUND"):
+            client.pull_adapter(metrics["alice"]["adapter_id"], tmp_path / "stolen")
