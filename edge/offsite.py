@@ -24,10 +24,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from edge.client import CloudClient
-from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train
+from edge.data import Dataset, load_eval, load_train, parse_eval
 from edge.metrics import RunMetrics
 from edge.split import LocalMiddle, RemoteMiddle
-from edge.train import TrainConfig, evaluate, train_loop
+from edge.train import TrainConfig, evaluate, start_run, train_loop
 from emulator.arch import ArchSpec
 from emulator.bundle import load_edge_model, load_emulator, read_plan
 from emulator.lora import adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
@@ -100,14 +100,8 @@ def save_trained(model: EdgeModel, kit: OffsiteKit, cfg: TrainConfig, directory:
 
 def train_offsite(cfg: TrainConfig, connect: Connect = secure_channel) -> RunMetrics:
     """Runs ``edgetune-edge train --mode offsite``; returns the metrics it writes to ``RUN/metrics.json``."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    parse_train(cfg.data)  # fail on bad data before touching the network
-    if cfg.eval is not None:
-        parse_eval(cfg.eval)
     start = time.perf_counter()
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    metrics = RunMetrics(mode="offsite", settings=settings)
+    metrics = start_run(cfg)
     kit = download(cfg, connect, metrics.setup)
     train_data = load_train(cfg.data, kit.tokenizer, cfg.seq_len)
     eval_data = load_eval(cfg.eval, kit.tokenizer, cfg.seq_len) if cfg.eval else None

@@ -167,16 +167,22 @@ def evaluate(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, bat
     return correct / len(examples)
 
 
-def train(cfg: TrainConfig) -> RunMetrics:
-    """Runs ``edgetune-edge train``: returns the metrics it also writes to ``RUN/metrics.json``."""
+def start_run(cfg: TrainConfig) -> RunMetrics:
+    """The set-up every training recipe shares: threads, the data checked before touching the network,
+    and the run's metrics with its settings."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    parse_train(cfg.data)  # fail on bad data before touching the network
+    parse_train(cfg.data)
     if cfg.eval is not None:
         parse_eval(cfg.eval)
-    start = time.perf_counter()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    metrics = RunMetrics(mode=cfg.mode, settings=settings)
+    return RunMetrics(mode=cfg.mode, settings=settings)
+
+
+def train(cfg: TrainConfig) -> RunMetrics:
+    """Runs ``edgetune-edge train``: returns the metrics it also writes to ``RUN/metrics.json``."""
+    start = time.perf_counter()
+    metrics = start_run(cfg)
     with secure_channel(cfg.cloud, cfg.identity) as channel:
         client = CloudClient(channel, metrics.setup)
         es = open_edge_session(client, cfg.edge_layers, cfg.wire_dtype, cfg.mode, cfg.lora.targets)
