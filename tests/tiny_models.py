@@ -59,3 +59,18 @@ def save_tiny(directory: Path, family: str, seed: int = 0, layers: int = 6) -> P
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def write_toy_sentiment(directory: Path, train_rows: int = 24, eval_rows: int = 6) -> tuple[Path, Path]:
+    """Writes a tiny prompt/completion training file and a matching multiple-choice eval file."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"Review: {'good' if i % 2 else 'bad'} {i}\nSentiment:",
+             "completion": " positive" if i % 2 else " negative"} for i in range(train_rows)]
+    evals = [{"prompt": f"Review: {'good' if i % 2 else 'bad'}\nSentiment:", "choices": [" negative", " positive"],
+              "answer": i % 2} for i in range(eval_rows)]
+    train, held_out = directory / "train.jsonl", directory / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in evals))
+    return train, held_out

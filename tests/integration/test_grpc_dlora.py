@@ -25,6 +25,7 @@ from protocol.tensors import wire_nbytes
 from protocol.types import Phase
 from tests.conftest import REPO
 from tests.edge.test_split_equivalence import make_batch
+from tests.tiny_models import write_toy_sentiment
 
 pytestmark = pytest.mark.integration
 SETTINGS = LoraSettings(rank=4, alpha=8)
@@ -95,12 +96,7 @@ def test_dlora_step_over_grpc_equals_local_step_and_bytes_follow_the_shapes(tiny
 def dlora_run(tiny_cloud, pki, tmp_path_factory):
     """``edgetune-edge train --mode dlora`` with Kill-and-Revive and int8, as a real process."""
     tmp_path = tmp_path_factory.mktemp("dlora")
-    rows = [{"prompt": f"Review: {'good' if i % 2 else 'bad'} {i}\nSentiment:",
-             "completion": " positive" if i % 2 else " negative"} for i in range(24)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    evals = [{"prompt": f"Review: {'good' if i % 2 else 'bad'}\nSentiment:", "choices": [" negative", " positive"],
-              "answer": i % 2} for i in range(6)]
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    write_toy_sentiment(tmp_path)
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "edge.cli", "train", "--cloud", tiny_cloud.address, "--identity",

@@ -24,6 +24,7 @@ from protocol.channel import GRPC_OPTIONS, secure_channel
 from protocol.pki import init_pki, issue_client
 from tests.conftest import REPO
 from tests.edge.test_split_equivalence import make_batch
+from tests.tiny_models import write_toy_sentiment
 
 pytestmark = pytest.mark.integration
 
@@ -68,12 +69,7 @@ def test_split_step_over_grpc_equals_local_step(tiny_cloud, pki, tiny_dirs):
 def alice_run(tiny_cloud, pki, tmp_path_factory):
     """``edgetune-edge train`` run once by alice, as a real process; returns (run dir, stdout)."""
     tmp_path = tmp_path_factory.mktemp("alice")
-    rows = [{"prompt": f"Review: {'good' if i % 2 else 'bad'} {i}\nSentiment:",
-             "completion": " positive" if i % 2 else " negative"} for i in range(24)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    evals = [{"prompt": f"Review: {'good' if i % 2 else 'bad'}\nSentiment:", "choices": [" negative", " positive"],
-              "answer": i % 2} for i in range(6)]
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    write_toy_sentiment(tmp_path)
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "edge.cli", "train", "--cloud", tiny_cloud.address, "--identity",
