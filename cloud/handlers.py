@@ -94,11 +94,13 @@ class Coordinator:
         default_emulator_layers: offsite emulator depth E when a session does not ask (0: a third of
             the middle).
         federation: run one FedAvg job over offsite adapters (``None``: no federated rounds).
+        backbone_dtype: dtype the frozen middle runs in (tensors still cross the wire as the edge asks).
     """
 
     def __init__(self, model_name: str, model_dir: Path, model: PreTrainedModel, store: Path,
                  default_edge_layers: int = 2, limits: Limits | None = None, default_emulator_layers: int = 0,
-                 federation: FederatedSettings | None = None) -> None:
+                 federation: FederatedSettings | None = None, backbone_dtype: torch.dtype = torch.float32) -> None:
+        self.backbone_dtype = backbone_dtype
         self.model_name, self.model_dir, self.model, self.store = model_name, model_dir, model, store
         self.default_edge_layers = default_edge_layers
         self.default_emulator_layers = default_emulator_layers
@@ -128,7 +130,7 @@ class Coordinator:
                 info = ModelInfo(self.model_name, self.model.config.model_type, plan.n_blocks,
                                  hidden_size(self.model.config), edge_layers, bundle_id(bundle_dir),
                                  sum(p.stat().st_size for p in bundle_files(bundle_dir)))
-                runner = LocalBackbone(extract_middle(self.model, plan))
+                runner = LocalBackbone(extract_middle(self.model, plan), self.backbone_dtype)
                 self._backends[edge_layers] = SplitBackend(info, bundle_dir, runner)
             return self._backends[edge_layers]
 

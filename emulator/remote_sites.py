@@ -144,12 +144,12 @@ class _RemoteDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, exchange, group):  # type: ignore[override]
-        ctx.exchange, ctx.group = exchange, group
-        return exchange.forward(group, x.detach())
+        ctx.exchange, ctx.group, ctx.dtype = exchange, group, x.dtype
+        return exchange.forward(group, x.detach()).to(x.dtype)  # the edge answers in fp32
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return ctx.exchange.backward(ctx.group, grad.contiguous()), None, None
+        return ctx.exchange.backward(ctx.group, grad.contiguous()).to(ctx.dtype), None, None
 
 
 class GroupCall:
