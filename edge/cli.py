@@ -15,7 +15,6 @@ import torch
 
 from edge.checkpoint import CheckpointError
 from edge.client import CloudCallError, CloudClient
-from edge.data import DataError, load_eval, parse_eval
 from edge.dlora import load_dlora_adapter
 from edge.kill_revive import KillReviveConfig
 from edge.offsite import evaluate_offsite, train_offsite
@@ -31,6 +30,7 @@ from edge.train import (
     open_edge_session,
     train,
 )
+from emulator.datasets import DataError, load_eval, parse_eval
 from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, with_adapter
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kr-probe-every", type=int, default=KillReviveConfig.probe_every,
                    help="a probe step computing every module every N steps (revives modules that matter again)")
     t.add_argument("--kr-ema", type=float, default=KillReviveConfig.ema, help="moving-average factor of the score")
+    t.add_argument("--kr-warmup", type=int, default=KillReviveConfig.warmup,
+                   help="steps that train every module before the first kill (the first ranking averages them)")
     t.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
     t.add_argument("--eval-batch", type=int, default=d["eval_batch"].default)
     t.add_argument("--seed", type=int, default=0)
@@ -127,7 +129,8 @@ def _train(args: argparse.Namespace) -> None:
         warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip, edge_layers=args.edge_layers,
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=wire,
         eval_batch=args.eval_batch, seed=args.seed, threads=args.threads,
-        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema), eval_before=not args.no_eval_before,
+        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema, args.kr_warmup),
+        eval_before=not args.no_eval_before,
         checkpoint_every=args.checkpoint_every, resume=args.resume is not None, retries=args.retries,
         tune=args.tune, emulator_layers=args.emulator_layers, federated=args.federated)
     metrics = train_offsite(cfg) if cfg.mode == "offsite" else train(cfg)

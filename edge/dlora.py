@@ -250,6 +250,12 @@ class LoraModules:
         assert self.server is not None
         return self.server.bank.site_parameters(self.sites[name])
 
+    def drop_grads(self, names: frozenset[str]) -> None:
+        """Forgets the gradients of ``names``: the optimizer then leaves those modules as they are."""
+        for name in names:
+            for p in self.parameters(name):
+                p.grad = None
+
     def grad_norms(self) -> dict[str, float]:
         """``sqrt(sum ||grad||^2)`` over each module's LoRA weights, for the modules that got gradients."""
         norms = {}

@@ -4,12 +4,17 @@
   gradient norm ``||g_m|| = sqrt(||dL/dA_m||^2 + ||dL/dB_m||^2)`` over the steps that computed it.
   Under SGD one step lowers the loss by about ``lr * ||g_m||^2``, so a module whose gradients vanish
   has nothing left to learn from this data.
-* Probe steps (step 1 and every ``probe_every`` steps after) compute every module. A module coming
-  back from killed restarts its average at the probe's measurement.
+* Warm-up: the first ``warmup`` steps compute (and train) every module, so the first ranking rests
+  on a moving average over that many steps and not on the first step alone, where LoRA's zero-initialised
+  ``B`` makes every ``dL/dA`` zero.
+* Probe steps (the last warm-up step, then every ``probe_every`` steps) compute every module. A module
+  coming back from killed restarts its average at the probe's measurement.
 * Kill / revive rule, applied after each probe: the ``ceil(budget * modules)`` highest-scoring
   modules stay active until the next probe; the others are killed; a killed module whose probe score
   now ranks among them is revived. ``budget`` 1.0 keeps every module active (Kill-and-Revive off).
-* A killed module contributes nothing (see :class:`edge.dlora.DloraModules`).
+* A killed module contributes nothing to training steps and is not updated, not even by the probe
+  step that measures it (see :class:`edge.dlora.LoraModules`); its weights stay on the edge as they
+  were when it was killed and are part of the saved adapter.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class KillReviveConfig:
-    """``--kr-budget``, ``--kr-probe-every``, ``--kr-ema``; validated at construction."""
+    """``--kr-budget``, ``--kr-probe-every``, ``--kr-ema``, ``--kr-warmup``; see :meth:`problems`."""
 
     budget: float = 1.0
     probe_every: int = 50
     ema: float = 0.9
+    warmup: int = 20
 
     def problems(self) -> list[str]:
         out = []
@@ -35,6 +41,8 @@ class KillReviveConfig:
             out.append(f"--kr-probe-every {self.probe_every}: must be at least 1")
         if not 0 <= self.ema < 1:
             out.append(f"--kr-ema {self.ema}: must be in [0, 1)")
+        if self.warmup < 1:
+            out.append(f"--kr-warmup {self.warmup}: must be at least 1 (the first ranking needs a measured step)")
         return out
 
     @property
@@ -78,7 +86,10 @@ class KillRevive:
         """What step ``step`` (1-based) computes."""
         if not self.config.enabled:
             return StepPlan(frozenset(self.modules), False)
-        if (step - 1) % self.config.probe_every == 0:
+        warmup = self.config.warmup
+        if step < warmup:
+            return StepPlan(frozenset(self.modules), False)
+        if (step - warmup) % self.config.probe_every == 0:
             return StepPlan(frozenset(self.modules), True)
         return StepPlan(self.active, False)
 

@@ -22,7 +22,6 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from edge.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, peek_checkpoint, save_checkpoint
 from edge.client import CloudCallError, CloudClient
-from edge.data import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
 from edge.dlora import DloraMiddle, LoraModules, SiteServer, plan_bank_sites
 from edge.kill_revive import KillRevive, KillReviveConfig
 from edge.metrics import FlopMeter, RunMetrics, StepRecord
@@ -30,9 +29,11 @@ from edge.module_report import ModuleTally, module_rows, write_plot
 from edge.progress import progress_state, restore_progress
 from edge.split import MiddleLink, RemoteMiddle, StepOutput, score_examples, split_step
 from emulator.bundle import load_edge_model
+from emulator.datasets import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, peft_config, save_adapter
 from emulator.lora_bank import LoraBank
 from emulator.models import load_tokenizer
+from emulator.scoring import length_batches
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
 from protocol.channel import RETRYABLE, secure_channel
@@ -156,15 +157,12 @@ def evaluate(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, bat
     """Accuracy of ``model`` on a multiple-choice dataset by split inference."""
     model.eval()
     correct = 0
-    # Batching rows of similar length wastes little compute on padding; accuracy is order-free.
-    examples = sorted(data.examples, key=lambda ex: max(len(s) for s in ex.sequences))
-    with tqdm(total=len(examples), desc=desc, unit="row", leave=False) as bar:
-        for i in range(0, len(examples), batch):
-            chunk = examples[i:i + batch]
+    with tqdm(total=len(data.examples), desc=desc, unit="row", leave=False) as bar:
+        for chunk in length_batches(data.examples, batch):
             predictions = score_examples(model, link, chunk, pad_id, traffic)
             correct += sum(p == ex.answer for p, ex in zip(predictions, chunk))
             bar.update(len(chunk))
-    return correct / len(examples)
+    return correct / len(data.examples)
 
 
 def start_run(cfg: TrainConfig) -> RunMetrics:
@@ -312,6 +310,8 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
             out = _resilient_step(partial(split_step, model, link, step, input_ids, labels, traffic),
                                   flops, optimizer, reconnect, cfg.retries if reconnect else 1)
             kr.observe(step, plan, modules.grad_norms())
+            if plan.probe:  # a module the probe (re)killed is measured, not trained
+                modules.drop_grads(frozenset(plan.active) - kr.active)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from edge.data import load_train
 from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer, lora_step_flops
 from edge.kill_revive import KillRevive, KillReviveConfig
 from edge.train import TrainConfig, _train_loop
+from emulator.datasets import load_train
 from emulator.lora import LoraSettings
 from emulator.lora_bank import LoraBranch
 from tests.edge.test_dlora_equivalence import dlora_setup
@@ -16,7 +16,7 @@ from tests.tiny_models import tiny_tokenizer
 
 
 def test_budget_keeps_the_top_scores_and_probes_revive():
-    kr = KillRevive(["a", "b", "c", "d"], KillReviveConfig(budget=0.5, probe_every=3, ema=0.5))
+    kr = KillRevive(["a", "b", "c", "d"], KillReviveConfig(budget=0.5, probe_every=3, ema=0.5, warmup=1))
     plan = kr.plan(1)
     assert plan.probe and plan.active == {"a", "b", "c", "d"}
     kr.observe(1, plan, {"a": 1.0, "b": 0.0, "c": 3.0, "d": 2.0})
@@ -43,6 +43,20 @@ def test_budget_one_never_kills_and_config_problems_are_listed():
     assert KillReviveConfig(budget=0.0, probe_every=0, ema=1.0).problems() == [
         "--kr-budget 0.0: must be a fraction in (0, 1]", "--kr-probe-every 0: must be at least 1",
         "--kr-ema 1.0: must be in [0, 1)"]
+    assert KillReviveConfig(warmup=0).problems() == [
+        "--kr-warmup 0: must be at least 1 (the first ranking needs a measured step)"]
+
+
+def test_warmup_trains_everything_and_ranks_on_its_average():
+    kr = KillRevive(["a", "b", "c"], KillReviveConfig(budget=0.3, probe_every=2, ema=0.5, warmup=3))
+    grads = [{"a": 4.0, "b": 0.0, "c": 1.0}, {"a": 0.0, "b": 1.0, "c": 1.0}, {"a": 0.0, "b": 2.0, "c": 1.0}]
+    for step, g in enumerate(grads, 1):
+        plan = kr.plan(step)
+        assert plan.active == {"a", "b", "c"} and plan.probe == (step == 3)
+        kr.observe(step, plan, g)
+    # a: 4 -> 2 -> 1; b: 0 -> 0.5 -> 1.25; c: 1 throughout. The first step alone would have kept a.
+    assert kr.scores == {"a": 1.0, "b": 1.25, "c": 1.0} and kr.active == {"b"}
+    assert [kr.plan(s).probe for s in (4, 5, 6, 7)] == [False, True, False, True]
 
 
 def test_lora_flops_formula_matches_the_flop_counter():
@@ -90,7 +104,7 @@ def test_zero_gradient_module_is_killed_and_revived_when_it_becomes_useful(tiny_
     before = [p.detach().clone() for p in modules.parameters(target)]
     cfg = TrainConfig(cloud="-", identity=identity, data=path, out=tmp_path / "run", mode="dlora", steps=8,
                       batch_size=4, seq_len=32, lr=1e-2, warmup_steps=0, lora=s.settings,
-                      kr=KillReviveConfig(budget=0.5, probe_every=4))
+                      kr=KillReviveConfig(budget=0.5, probe_every=4, warmup=1))
     data = load_train(path, tiny_tokenizer(), 32)
     records, tally, kr = _train_loop(s.edge, LocalDloraMiddle(s.middle, server), modules, data, 0, cfg)
     events = [(e.step, e.kind) for e in kr.events if e.module == target]
@@ -104,3 +118,35 @@ def test_zero_gradient_module_is_killed_and_revived_when_it_becomes_useful(tiny_
     in_f, out_f = modules.dims(target)
     assert tally.flops[target] == 5 * lora_step_flops(records[0].tokens, 4, in_f, out_f)
     assert sum(r.lora_flops for r in records) == sum(tally.flops.values())
+
+
+def test_a_killed_module_is_not_trained_by_the_probes_that_measure_it(tiny_train, tmp_path):
+    path, identity = tiny_train
+    s = dlora_setup("llama")
+    server = SiteServer(s.bank)
+    modules = LoraModules(s.edge, s.spec, server)
+    target = s.bank.sites[0].name
+    for p in modules.parameters(target):  # tiny but non-zero gradients: always ranked last, never revived
+        p.register_hook(lambda g: g * 1e-6)
+    cfg = TrainConfig(cloud="-", identity=identity, data=path, out=tmp_path / "run", mode="dlora", steps=9,
+                      batch_size=4, seq_len=32, lr=1e-2, warmup_steps=0, lora=s.settings,
+                      kr=KillReviveConfig(budget=0.5, probe_every=3, warmup=3))
+    data = load_train(path, tiny_tokenizer(), 32)
+    initial = [p.detach().clone() for p in modules.parameters(target)]
+    snapshots = []
+    real_drop = modules.drop_grads
+
+    def drop_and_snapshot(names):
+        real_drop(names)
+        snapshots.append([p.detach().clone() for p in modules.parameters(target)])
+
+    modules.drop_grads = drop_and_snapshot  # type: ignore[method-assign]
+    records, _, kr = _train_loop(s.edge, LocalDloraMiddle(s.middle, server), modules, data, 0, cfg)
+    assert [r.probe for r in records] == [False, False, True, False, False, True, False, False, True]
+    assert [r.active_modules for r in records] == [12, 12, 12, 6, 6, 12, 6, 6, 12]
+    assert [(e.step, e.kind) for e in kr.events if e.module == target] == [(3, "kill")]
+    final = [p.detach() for p in modules.parameters(target)]
+    assert len(snapshots) == 3  # at each probe, before its optimizer step
+    assert any(not torch.equal(a, b) for a, b in zip(initial, final))  # warm-up steps 1-2 trained it
+    for snap in snapshots:  # killed by the probe at step 3: that probe and those at 6 and 9 left it alone
+        assert all(torch.equal(a, b) for a, b in zip(snap, final))
