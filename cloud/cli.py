@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs handshake details; we explain them instead
@@ -13,11 +15,13 @@ from pathlib import Path
 
 from cloud.emulators import BuildConfig, BuildConfigError, EmulatorSpec, EmulatorStore, build_recipe
 from cloud.errors import NotFound
+from cloud.evaluate import EvaluateConfig, EvaluateError, evaluate_recipe
 from cloud.handlers import Limits
 from cloud.server import ConfigError, ServeConfig, serve
 from emulator.arch import UnsupportedArchitectureError
 from emulator.compress import EmulatorError
 from emulator.corpus import CorpusError
+from emulator.datasets import DataError
 from emulator.distill import DistillSettings
 from emulator.lora import LoraSettings
 from emulator.models import ModelNotFoundError
@@ -26,7 +30,8 @@ from protocol.channel import CredentialError
 from protocol.pki import PkiError, init_pki, issue_client, revoke_client
 
 USER_ERRORS = (ConfigError, CredentialError, PkiError, ModelNotFoundError, SplitError,
-               UnsupportedArchitectureError, OSError, BuildConfigError, EmulatorError, CorpusError, NotFound)
+               UnsupportedArchitectureError, OSError, BuildConfigError, EmulatorError, CorpusError, NotFound,
+               EvaluateError, DataError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--fed-lora-targets", default="all",
                      help="comma-separated projections, 'all', or '' (the family's default)")
     _emulator_parsers(sub)
+    ev = sub.add_parser("evaluate", help="score a registered adapter (plugged into the full model) on your own "
+                                         "multiple-choice JSONL")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--store", type=Path, required=True, help="the store `serve` used")
+    ev.add_argument("--adapter", required=True, help="adapter id (`edgetune-edge list` or the run's metrics.json)")
+    ev.add_argument("--data", type=Path, required=True,
+                    help='JSONL rows {"prompt": str, "choices": [str, ...], "answer": int}')
+    ev.add_argument("--owner", default=None, help="identity the adapter belongs to (default: looked up)")
+    ev.add_argument("--baseline", action="store_true", help="also score the base model on the same rows")
+    ev.add_argument("--seq-len", type=int, default=128, help="prompts are cut from the left to fit")
+    ev.add_argument("--batch", type=int, default=32)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--threads", type=int, default=0)
     exp = sub.add_parser("export", help="merge an adapter into the full model and write a plain HF directory")
     exp.add_argument("--model", default="smollm2-135m")
     exp.add_argument("--store", type=Path, required=True)
     exp.add_argument("--adapter", required=True, help="adapter id")
-    exp.add_argument("--owner", required=True, help="identity that owns (or was granted) the adapter")
+    exp.add_argument("--owner", default=None, help="identity the adapter belongs to (default: looked up)")
     exp.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -128,6 +146,15 @@ def _build_emulator(args: argparse.Namespace) -> None:
           f"{stored.meta['middle_blocks'][-1]}, distilled={stored.distilled}{kd}; stored in {stored.directory}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    r = evaluate_recipe(EvaluateConfig(args.model, args.store, args.adapter, args.data, args.owner, args.seq_len,
+                                       args.batch, args.baseline, args.dtype, args.threads))
+    base = f"; base model {r.base_accuracy:.4f}" if r.base_accuracy is not None else ""
+    print(f"adapter {r.adapter_id} (owner {r.owner}) on {args.data}: accuracy {r.accuracy:.4f} over {r.rows} rows"
+          f"{base} ({r.truncated} prompts truncated to --seq-len {args.seq_len})")
+    print(json.dumps(dataclasses.asdict(r)))
+
+
 def _export(args: argparse.Namespace) -> None:
     from cloud.registry import AdapterRegistry
     from emulator.models import load_causal_lm, resolve_model
@@ -135,7 +162,7 @@ def _export(args: argparse.Namespace) -> None:
 
     model_dir = resolve_model(args.model)
     registry = AdapterRegistry(args.store)
-    _, files = registry.get(args.owner, args.adapter)  # decrypted and authenticated
+    _, files = registry.get(args.owner or registry.owner_of(args.adapter), args.adapter)  # decrypted, authenticated
     registry.close()
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
@@ -167,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"blocks={e.blocks}  distilled={e.distilled}")
         elif args.command == "export":
             _export(args)
+        elif args.command == "evaluate":
+            _evaluate(args)
         else:
             targets = tuple(t for t in args.fed_lora_targets.split(",") if t)
             limits = Limits(args.max_streams_per_client, int(args.max_tensor_mb * 2**20), args.idle_timeout)

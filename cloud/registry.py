@@ -108,6 +108,19 @@ class AdapterRegistry:
                  for name in adapter_files(directory)}
         return _meta(row), files
 
+    def owner_of(self, adapter_id: str) -> str:
+        """The identity that registered ``adapter_id``: for the model owner's own tools on its store
+        (``evaluate``, ``export``), never for an RPC, where the caller's TLS identity decides.
+
+        Raises:
+            NotFound: no such adapter in this store.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM adapters WHERE adapter_id = ?", (adapter_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no adapter {adapter_id!r} in this store")
+        return str(row[0])
+
     def _remove_orphans(self) -> None:
         known = {row[0] for row in self._db.execute("SELECT adapter_id FROM adapters")}
         for directory in self.root.iterdir():

@@ -24,12 +24,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from edge.client import CloudClient
-from edge.data import Dataset, load_eval, load_train, parse_eval
 from edge.metrics import RunMetrics
 from edge.split import LocalMiddle, RemoteMiddle
 from edge.train import TrainConfig, evaluate, start_run, train_loop
 from emulator.arch import ArchSpec
 from emulator.bundle import load_edge_model, load_emulator, read_plan
+from emulator.datasets import Dataset, load_eval, load_train, parse_eval
 from emulator.lora import adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
 from emulator.models import load_tokenizer
 from emulator.plugin import apply_to_edge, block_parameters, delta_state_dict, lora_settings_of, save_delta

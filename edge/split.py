@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.client import TrainStream
-from edge.data import IGNORE, EvalExample, pad_batch
+from emulator.datasets import IGNORE, EvalExample
+from emulator.scoring import predict
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
 from protocol.types import Phase
@@ -120,20 +121,10 @@ def split_logits(model: EdgeModel, link: MiddleLink, input_ids: torch.Tensor, tr
 @torch.no_grad()
 def score_examples(model: EdgeModel, link: MiddleLink, examples: list[EvalExample], pad_id: int,
                    traffic: Traffic) -> list[int]:
-    """Predicted choice per example: the highest summed log-likelihood of the choice tokens."""
-    sequences = [s for ex in examples for s in ex.sequences]
-    upper, _ = link.forward(0, model.bottom(pad_batch(sequences, pad_id)), False, traffic)
-    features = model.top.features(upper)
-    predictions, base = [], 0
-    for ex in examples:
-        rows = [(base + s, pos, tok) for choice in ex.targets for (s, pos, tok) in choice]
-        index = torch.tensor([(r[0], r[1]) for r in rows])
-        logprobs = torch.log_softmax(model.top.lm_head(features[index[:, 0], index[:, 1]]).float(), dim=-1)
-        token_lp = logprobs[torch.arange(len(rows)), torch.tensor([r[2] for r in rows])]
-        sums, k = [], 0
-        for choice in ex.targets:
-            sums.append(token_lp[k:k + len(choice)].sum().item())
-            k += len(choice)
-        predictions.append(max(range(len(sums)), key=sums.__getitem__))
-        base += len(ex.sequences)
-    return predictions
+    """Predicted choice per example by split inference (see :mod:`emulator.scoring`)."""
+
+    def features(ids: torch.Tensor) -> torch.Tensor:
+        upper, _ = link.forward(0, model.bottom(ids), False, traffic)
+        return model.top.features(upper)
+
+    return predict(examples, features, model.top.lm_head, pad_id)

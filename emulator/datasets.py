@@ -1,8 +1,10 @@
-"""The edge's private datasets: JSONL validation, tokenization, truncation and batching.
+"""edgetune's dataset formats: JSONL validation, tokenization, truncation and batching.
 
 Training rows are ``{"prompt": str, "completion": str}`` (loss on the completion only) or
 ``{"text": str}`` (loss on every token). Evaluation rows are
-``{"prompt": str, "choices": [str, ...], "answer": int}``. Nothing here ever leaves the device.
+``{"prompt": str, "choices": [str, ...], "answer": int}``. The edge reads its private data with
+these functions (none of it ever leaves the device); the model owner reads its own evaluation data
+with the same ones (``edgetune-cloud evaluate``), so both sides score a row the same way.
 """
 
 from __future__ import annotations

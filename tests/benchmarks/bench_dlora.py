@@ -7,7 +7,7 @@ run, side by side in one invocation: a coordinator process on loopback, the edge
 of issue 4 (KR: >= 80 % fewer edge LoRA FLOPs and >= 85 % fewer bytes than all-active, accuracy
 within 1 point; int8: 4x fewer bytes than fp32, accuracy within 0.5 point).
 
-Usage (repo root): ``python tests/benchmarks/bench_dlora.py --steps 80 --eval-rows 300``
+Usage (repo root): ``python tests/benchmarks/bench_dlora.py --steps 100 --eval-rows 400``
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ class Run:
     name: str
     mode: str
     wire: str
-    kr_budget: float
+    kr: bool  # Kill-and-Revive with --kr-budget, --kr-warmup, --probe-every
 
 
-RUNS = [Run("split", "split", "fp32", 1.0), Run("dlora all-active", "dlora", "fp32", 1.0),
-        Run("dlora + KR", "dlora", "fp32", 0.1), Run("dlora + KR + int8", "dlora", "int8", 0.1)]
+RUNS = [Run("split", "split", "fp32", False), Run("dlora all-active", "dlora", "fp32", False),
+        Run("dlora + KR", "dlora", "fp32", True), Run("dlora + KR + int8", "dlora", "int8", True)]
 
 
-def summarize(run: Run, m: dict) -> dict:
+def summarize(run: Run, m: dict, kr: KillReviveConfig) -> dict:
     steps = m["steps"]
-    return {"run": run.name, "mode": run.mode, "wire_dtype": run.wire, "kr_budget": run.kr_budget,
+    return {"run": run.name, "mode": run.mode, "wire_dtype": run.wire, "kr_budget": kr.budget,
             "eval_accuracy_after": m["eval_accuracy_after"], "eval_rows": m["eval_rows"],
             "edge_flops": m["edge_flops"], "edge_lora_flops": m["lora_flops"],
             "bytes_sent": m["bytes_sent"], "bytes_received": m["bytes_received"],
@@ -94,9 +94,11 @@ def write_report(rows: dict[str, dict], meta: dict, docs: Path) -> None:
     lines = ["# dlora benchmark (SmolLM2-135M, Rotten Tomatoes, loopback mutual TLS)", "",
              f"Command: `{meta['command']}`. {meta['steps']} steps per run, batch {meta['batch_size']}, "
              f"<= {meta['seq_len']} tokens, LoRA r={meta['rank']} on {meta['targets']}, lr {meta['lr']}, "
-             f"warmup {meta['warmup']}, clip 1, seed 0; KR budget 0.1, probe every {meta['probe_every']}. "
-             f"Eval: {n} rows (95% interval about +-{half * 100:.1f} points), every run on the same rows. "
-             "1 torch thread each for edge and cloud; wall time is per training step.", "",
+             f"warmup {meta['warmup']}, clip 1, seed 0; KR budget {meta['kr_budget']}, KR warm-up "
+             f"{meta['kr_warmup']} steps, probe every {meta['probe_every']}; the cloud's middle runs in "
+             f"{meta['backbone_dtype']}. Eval: {n} rows (95% interval about +-{half * 100:.1f} points), every run "
+             f"on the same rows. {meta['threads']} torch threads each for edge and cloud (sharing the machine's "
+             "cores); wall time is per training step.", "",
              "| run | wire | accuracy | edge FLOPs | edge LoRA FLOPs | MB up | MB down | exchanges | "
              "active modules (mean) | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
@@ -114,34 +116,42 @@ def main() -> int:
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--probe-every", type=int, default=40)
+    parser.add_argument("--probe-every", type=int, default=50)
+    parser.add_argument("--kr-budget", type=float, default=0.1)
+    parser.add_argument("--kr-warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbone-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--runs", nargs="*", default=[r.name for r in RUNS])
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-dlora-"))
     prepare(work / "data", clients=1, train_rows=args.train_rows, eval_rows=args.eval_rows, seed=0)
     pki = work / "pki"
     init_pki(pki, ["localhost", "127.0.0.1"])
     issue_client(pki, "bench")
-    cloud = start_cloud("smollm2-135m", pki, work / "store", timeout=600)
+    cloud = start_cloud("smollm2-135m", pki, work / "store", timeout=600,
+                        extra=["--threads", str(args.threads), "--backbone-dtype", args.backbone_dtype])
     meta = {"command": "python tests/benchmarks/bench_dlora.py " + " ".join(sys.argv[1:]), "steps": args.steps,
             "batch_size": 8, "seq_len": 64, "rank": 8, "targets": "q_proj,v_proj (every block)", "lr": args.lr,
-            "warmup": 8, "probe_every": args.probe_every, "eval_rows": args.eval_rows}
+            "warmup": 8, "probe_every": args.probe_every, "eval_rows": args.eval_rows, "kr_budget": args.kr_budget,
+            "kr_warmup": args.kr_warmup, "threads": args.threads, "backbone_dtype": args.backbone_dtype}
     rows: dict[str, dict] = {}
     try:
         for i, run in enumerate(r for r in RUNS if r.name in args.runs):
+            kr = KillReviveConfig(args.kr_budget, args.probe_every, warmup=args.kr_warmup) if run.kr else \
+                KillReviveConfig()
             cfg = TrainConfig(cloud=cloud.address, identity=pki / "clients" / "bench",
                               data=work / "data" / "client0" / "train.jsonl",
                               eval=work / "data" / "client0" / "eval.jsonl", out=work / "runs" / str(i),
                               mode=run.mode, steps=args.steps, lr=args.lr, warmup_steps=8,
-                              schedule="constant_with_warmup", lora=LoraSettings(), wire_dtype=run.wire, threads=1,
-                              kr=KillReviveConfig(run.kr_budget, args.probe_every), eval_before=i == 0)
+                              schedule="constant_with_warmup", lora=LoraSettings(), wire_dtype=run.wire,
+                              threads=args.threads, eval_before=i == 0, kr=kr)
             start = time.perf_counter()
             m = train(cfg).as_dict()
             if i == 0:
                 meta["zero_shot"] = m["eval_accuracy_before"]
-            rows[run.name] = {**summarize(run, m), "run_wall_s": time.perf_counter() - start}
+            rows[run.name] = {**summarize(run, m, kr), "run_wall_s": time.perf_counter() - start}
             print(json.dumps(rows[run.name]), flush=True)
             write_report(rows, meta, args.docs)
     finally:

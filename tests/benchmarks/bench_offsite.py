@@ -4,18 +4,18 @@ Side by side, on the same eval rows (paired) and the same training batches: full
 emulator zero-shot before and after distillation, emulator + offsite adapter, plug-in (full model +
 offsite adapter), and full-model LoRA with the same data and steps (the reference); edge tokens/s,
 FLOPs and peak memory of offsite training vs full-model LoRA (each in its own process, so peak RSS
-is its own), and the bytes each mode moves. Results accumulate in ``docs/offsite_benchmark.json``
-and are rendered to ``docs/offsite_benchmark.md`` after every phase, so each phase can run on its
-own (each stays well under 15 minutes on one CPU thread):
+is its own), and the bytes each mode moves. ``--phase all`` runs every phase in one invocation,
+one after the other on the same machine state (the way the numbers in docs/ are made):
 
-    python tests/benchmarks/bench_offsite.py --phase zero-shot   # full model, both emulators
-    python tests/benchmarks/bench_offsite.py --phase offsite     # train on the emulator (child process)
-    python tests/benchmarks/bench_offsite.py --phase plug-in     # full model + offsite adapter
-    python tests/benchmarks/bench_offsite.py --phase full-lora   # reference (child process)
+    python tests/benchmarks/bench_offsite.py --phase all --store ~/.cache/edgetune/demo-cloud-store
 
-The distilled emulator must be built first (resumable, cached in the store):
+Results go to ``docs/offsite_benchmark.json`` and are rendered to ``docs/offsite_benchmark.md`` after
+every phase, so a partial run leaves what it measured; a single phase can be redone on its own with
+``--phase zero-shot|offsite|plug-in|full-lora``. The data is one client's Rotten Tomatoes partition
+(prepared into ``--data`` if missing). The distilled emulator must be in ``--store`` first (the demo
+builds it there; resumable, cached):
     edgetune-cloud emulator build --model smollm2-135m --edge-layers 2 --emulator-layers 8 \
-        --distill-steps 300 --store STORE --threads 1
+        --distill-data speeches --distill-steps 120 --distill-lr 5e-4 --distill-warmup 10 --store STORE
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cloud.emulators import EmulatorSpec, EmulatorStore, model_fingerprint  # noqa: E402
-from edge.data import IGNORE, load_eval, load_train, train_batches  # noqa: E402
 from edge.metrics import FlopMeter, peak_rss_mb  # noqa: E402
 from edge.offsite import load_kit  # noqa: E402
 from edge.split import LocalMiddle, split_step  # noqa: E402
 from edge.train import TrainConfig, evaluate  # noqa: E402
 from emulator.arch import arch_for  # noqa: E402
 from emulator.bundle import bundle_files, write_bundle  # noqa: E402
+from emulator.datasets import IGNORE, load_eval, load_train, train_batches  # noqa: E402
 from emulator.lora import LoraSettings, add_lora, lora_parameters  # noqa: E402
 from emulator.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 from emulator.plugin import apply_to_edge  # noqa: E402
@@ -53,8 +53,8 @@ OUT_JSON, OUT_MD = REPO / "docs" / "offsite_benchmark.json", REPO / "docs" / "of
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", required=True, choices=["zero-shot", "offsite", "plug-in", "full-lora", "report",
-                                                      "_train-offsite", "_train-full"])
+    p.add_argument("--phase", required=True, choices=["all", "zero-shot", "offsite", "plug-in", "full-lora",
+                                                      "report", "_train-offsite", "_train-full"])
     p.add_argument("--data", type=Path, default=Path("/tmp/rt/client0"))
     p.add_argument("--store", type=Path, default=Path("/tmp/offs/store"))
     p.add_argument("--work", type=Path, default=Path("/tmp/offs/bench"))
@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default="all")
     p.add_argument("--eval-rows", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every phase (set explicitly)")
     return p.parse_args(argv)
 
 
@@ -167,7 +168,6 @@ def timed_loop(step_fn, params, batches, cfg) -> dict:
 
 def child_offsite(args) -> None:
     """Edge-side offsite training: only the bundle (embedding, adapter blocks, emulator) in memory."""
-    torch.set_num_threads(1)
     bundle = Path(results()["zero_shot"]["offsite_bundle_dir"])
     kit = load_kit(bundle)
     cfg = train_config(args)
@@ -208,7 +208,6 @@ def child_full(args) -> None:
     """The reference: LoRA on every block of the full model, same data, batches, steps and settings."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    torch.set_num_threads(1)
     model_dir = resolve_model(MODEL)
     model = load_causal_lm(model_dir).requires_grad_(False)
     tok = load_tokenizer(model_dir)
@@ -249,8 +248,30 @@ def phase_plug_in(args) -> None:
 
 
 def child(args, phase: str) -> None:
-    cmd = [sys.executable, __file__, "--phase", phase, *sys.argv[3:]]
-    subprocess.run(cmd, check=True, cwd=REPO)
+    """A phase in its own process, so its peak RSS is its own."""
+    argv = sys.argv[1:]
+    at = argv.index("--phase")
+    subprocess.run([sys.executable, __file__, *argv[:at], *argv[at + 2:], "--phase", phase], check=True, cwd=REPO)
+
+
+def phase_all(args) -> None:
+    """Every phase, in one invocation: the side-by-side numbers of docs/offsite_benchmark.md."""
+    if not (args.data / "eval.jsonl").is_file():
+        sys.path.insert(0, str(REPO / "deploy"))
+        from prepare_rotten_tomatoes import prepare
+
+        prepare(args.data.parent, clients=1, train_rows=2000, eval_rows=1000, seed=0)
+    if emulators(args)["distilled"] is None:
+        raise SystemExit(f"no distilled emulator (K={args.edge_layers}, E={args.emulator_layers}) in {args.store}; "
+                         "build one first (see this script's docstring)")
+    OUT_JSON.write_text("{}")
+    start = time.perf_counter()
+    phase_zero_shot(args)
+    child(args, "_train-offsite")
+    phase_plug_in(args)
+    child(args, "_train-full")
+    record("run", {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
+                   "threads": args.threads, "wall_s": time.perf_counter() - start})
 
 
 def render(d: dict) -> str:
@@ -267,8 +288,10 @@ def render(d: dict) -> str:
             ("Emulator (distilled) + offsite adapter", acc(o.get("emulator_adapter"))),
             ("Plug-in: full model + offsite adapter", acc(p.get("accuracy"))),
             ("Full-model LoRA, same data and steps (reference)", acc(f.get("accuracy")))]
-    lines = ["# Offsite-Tuning benchmark (SmolLM2-135M, Rotten Tomatoes, 1 CPU thread)", "",
-             f"Generated by `tests/benchmarks/bench_offsite.py`; {z.get('eval_rows', '?')} paired eval rows; "
+    run = d.get("run", {})
+    lines = [f"# Offsite-Tuning benchmark (SmolLM2-135M, Rotten Tomatoes, {run.get('threads', '?')} CPU threads)", "",
+             f"Generated in one run by `{run.get('command', 'tests/benchmarks/bench_offsite.py')}` "
+             f"({run.get('wall_s', 0) / 60:.0f} min); {z.get('eval_rows', '?')} paired eval rows; "
              f"K={z.get('edge_layers', '?')} adapter blocks at each end, E={z.get('emulator_layers', '?')} emulator "
              f"blocks; {o.get('steps', '?')} steps of batch 8 x <= 64 tokens, LoRA r=8 on all projections.", "",
              "| model | accuracy |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
@@ -300,8 +323,10 @@ def render(d: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    if args.phase == "zero-shot":
+    torch.set_num_threads(args.threads)
+    if args.phase == "all":
+        phase_all(args)
+    elif args.phase == "zero-shot":
         phase_zero_shot(args)
     elif args.phase == "offsite":
         child(args, "_train-offsite")

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from edge.client import CloudClient  # noqa: E402
-from edge.data import IGNORE  # noqa: E402
 from edge.split import LocalMiddle, RemoteMiddle, split_step  # noqa: E402
 from emulator.bundle import load_edge_model  # noqa: E402
+from emulator.datasets import IGNORE  # noqa: E402
 from emulator.lora import LoraSettings, add_lora, lora_parameters, peft_config  # noqa: E402
 from emulator.models import load_causal_lm, resolve_model  # noqa: E402
 from emulator.segments import extract_middle, plan_for  # noqa: E402

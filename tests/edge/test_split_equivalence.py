@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge.data import IGNORE
 from edge.split import LocalMiddle, split_step
 from emulator.arch import arch_for
+from emulator.datasets import IGNORE
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
 from emulator.segments import split_causal_lm
 from protocol.accounting import Traffic

@@ -12,11 +12,11 @@ from peft import PeftModel
 
 from cloud.federated import fedavg
 from edge.client import CloudCallError, CloudClient
-from edge.data import load_eval
 from edge.offsite import train_offsite
 from edge.split import LocalMiddle, score_examples
 from edge.train import TrainConfig
 from emulator.arch import arch_for
+from emulator.datasets import load_eval
 from emulator.lora import LoraSettings, load_adapter_state
 from emulator.models import load_causal_lm
 from emulator.plugin import adapter_state, apply_to_edge, plug_in
