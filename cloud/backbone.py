@@ -34,17 +34,6 @@ class BackboneRunner(Protocol):
         ...
 
 
-BACKBONE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                   "bf16": torch.bfloat16}
-
-
-def backbone_dtype(name: str) -> torch.dtype:
-    """``serve --backbone-dtype`` -> torch dtype (``float32``/``fp32`` or ``bfloat16``/``bf16``)."""
-    try:
-        return BACKBONE_DTYPES[name]
-    except KeyError:
-        raise ValueError(f"--backbone-dtype {name!r}: choose from {', '.join(BACKBONE_DTYPES)}") from None
-
 
 class LocalBackbone:
     """Runs a frozen segment in this process, in ``dtype`` (fp32 by default; bf16 halves the memory

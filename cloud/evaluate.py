@@ -17,10 +17,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from cloud.backbone import backbone_dtype
 from cloud.registry import AdapterRegistry
 from emulator.datasets import Dataset, load_eval, parse_eval
-from emulator.models import load_causal_lm, load_tokenizer, resolve_model
+from emulator.models import compute_dtype, load_causal_lm, load_tokenizer, resolve_model
 from emulator.plugin import check_fits, plug_in
 from emulator.scoring import length_batches, predict
 
@@ -49,9 +48,9 @@ class EvaluateConfig:
         if self.seq_len < 2 or self.batch < 1:
             out.append("--seq-len must be at least 2 and --batch at least 1")
         try:
-            backbone_dtype(self.dtype)
+            compute_dtype(self.dtype)
         except ValueError as err:
-            out.append(str(err).replace("--backbone-dtype", "--dtype"))
+            out.append(str(err))
         if not (self.store / "registry.sqlite").is_file():
             out.append(f"--store {self.store}: no adapter registry here (the directory `serve --store` used)")
         return out
@@ -92,7 +91,7 @@ def evaluate_recipe(cfg: EvaluateConfig) -> EvaluateResult:
         except ValueError as err:
             raise EvaluateError(f"adapter {cfg.adapter} does not fit --model {cfg.model}: {err}") from None
         tuned = plug_in(base, Path(tmp))
-    dtype, pad = backbone_dtype(cfg.dtype), int(tokenizer.pad_token_id)
+    dtype, pad = compute_dtype(cfg.dtype), int(tokenizer.pad_token_id)
     accuracy = accuracy_of(tuned, data, pad, cfg.batch, dtype, f"adapter {cfg.adapter}")
     base_accuracy = accuracy_of(base, data, pad, cfg.batch, dtype, "base model") if cfg.baseline else None
     return EvaluateResult(cfg.adapter, owner, len(data.examples), data.truncated, accuracy, base_accuracy)

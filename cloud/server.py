@@ -13,12 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from cloud.auth import Authenticator
-from cloud.backbone import BACKBONE_DTYPES, backbone_dtype
 from cloud.federated import FederatedSettings
 from cloud.handlers import Coordinator, Limits
 from cloud.servicer import add_to_server
 from emulator.lora import LoraSettings
-from emulator.models import load_causal_lm, resolve_model
+from emulator.models import COMPUTE_DTYPES, compute_dtype, load_causal_lm, resolve_model
 from protocol.channel import create_server
 from protocol.pki import RevocationList
 
@@ -72,8 +71,8 @@ class ServeConfig:
             problems.append(f"--workers {self.workers}: must be at least 1")
         if self.emulator_layers < 0 or self.rounds < 0:
             problems.append("--emulator-layers and --rounds must not be negative")
-        if self.backbone_dtype not in BACKBONE_DTYPES:
-            problems.append(f"--backbone-dtype {self.backbone_dtype!r}: choose from {', '.join(BACKBONE_DTYPES)}")
+        if self.backbone_dtype not in COMPUTE_DTYPES:
+            problems.append(f"--backbone-dtype {self.backbone_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
         federation = self.federation()
         if federation is not None:
             problems.extend(federation.problems())
@@ -89,7 +88,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
     coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits,
                               default_emulator_layers=cfg.emulator_layers, federation=cfg.federation(),
-                              backbone_dtype=backbone_dtype(cfg.backbone_dtype))
+                              backbone_dtype=compute_dtype(cfg.backbone_dtype))
     if coordinator.job is not None:
         print(f"federated job {coordinator.job.job_id}: {cfg.rounds} rounds, {cfg.clients_per_round} clients "
               f"per round, {cfg.local_steps} local steps, deadline {cfg.round_deadline_s:g} s", flush=True)

@@ -48,20 +48,25 @@ class RemoteMiddle:
 
 
 class LocalMiddle:
-    """The middle blocks in this process: same interface, no network (reference path)."""
+    """The middle blocks in this process: same interface, no network (reference path).
+
+    The middle runs in its own parameters' dtype (e.g. a bf16 emulator); hidden states and gradients
+    are cast in and come back in fp32, as they would from the cloud.
+    """
 
     def __init__(self, middle: nn.Module) -> None:
         self.middle = middle
+        self.dtype = next(middle.parameters()).dtype
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, step, hidden, train, traffic):
         if not train:
             with torch.no_grad():
-                return self.middle(hidden), 0.0
-        inputs = hidden.detach().requires_grad_(True)
+                return self.middle(hidden.to(self.dtype)).float(), 0.0
+        inputs = hidden.detach().to(self.dtype).requires_grad_(True)
         out = self.middle(inputs)
         self._pending = (inputs, out)
-        return out.detach(), 0.0
+        return out.detach().float(), 0.0
 
     def backward(self, step, grad, traffic):
         assert self._pending is not None, "backward without forward"
@@ -69,9 +74,9 @@ class LocalMiddle:
         self._pending = None
         # .backward, not autograd.grad: the FLOP counter's module hooks do not support autograd.grad
         # on a leaf. A frozen middle (requires_grad False) accumulates nothing but the input gradient.
-        out.backward(grad)
+        out.backward(grad.to(out.dtype))
         assert inputs.grad is not None
-        return inputs.grad, 0.0
+        return inputs.grad.float(), 0.0
 
 
 def completion_loss(model: EdgeModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

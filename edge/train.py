@@ -32,7 +32,7 @@ from emulator.bundle import load_edge_model
 from emulator.datasets import Dataset, load_eval, load_train, parse_eval, parse_train, train_batches
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, peft_config, save_adapter
 from emulator.lora_bank import LoraBank
-from emulator.models import load_tokenizer
+from emulator.models import COMPUTE_DTYPES, load_tokenizer
 from emulator.scoring import length_batches
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
@@ -81,6 +81,7 @@ class TrainConfig:
     retries: int = 8  # attempts per step when the cloud is unreachable (capped, jittered backoff)
     tune: str = "lora"  # offsite: "lora" (LoRA on the adapter blocks) or "full" (the adapter blocks' weights)
     emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
+    emulator_dtype: str = "float32"  # offsite: dtype the frozen emulator runs in (float32 or bfloat16)
     federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
 
     def __post_init__(self) -> None:
@@ -92,8 +93,11 @@ class TrainConfig:
             problems.append(f"--kr-budget {self.kr.budget}: Kill-and-Revive needs --mode dlora")
         if self.tune not in TUNES:
             problems.append(f"--tune {self.tune!r}: choose one of {', '.join(TUNES)}")
-        if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers):
-            problems.append("--tune full, --federated and --emulator-layers need --mode offsite")
+        if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers
+                                       or self.emulator_dtype != "float32"):
+            problems.append("--tune full, --federated, --emulator-layers and --emulator-dtype need --mode offsite")
+        if self.emulator_dtype not in COMPUTE_DTYPES:
+            problems.append(f"--emulator-dtype {self.emulator_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
         if self.federated and self.tune != "lora":
             problems.append("--federated rounds average LoRA adapters; drop --tune full")
         for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
@@ -234,7 +238,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed (paths and threads may differ)."""
     keep = ("mode", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "clip", "edge_layers",
-            "lora", "wire_dtype", "seed", "kr", "tune", "emulator_layers")
+            "lora", "wire_dtype", "seed", "kr", "tune", "emulator_layers", "emulator_dtype")
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}, default=str))
 
 

@@ -66,6 +66,21 @@ def resolve_model(name_or_path: str) -> Path:
     return path
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def compute_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    """A dtype for frozen blocks to run in (``float32``/``fp32`` or ``bfloat16``/``bf16``).
+
+    Raises:
+        ValueError: naming ``flag`` and the choices.
+    """
+    try:
+        return COMPUTE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"{flag} {name!r}: choose from {', '.join(COMPUTE_DTYPES)}") from None
+
+
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a causal LM from a local directory, in eval mode with eager-compatible attention."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from cloud.backbone import LocalBackbone, backbone_dtype
+from cloud.backbone import LocalBackbone
 from cloud.dlora import DloraBackbone
+from emulator.models import compute_dtype
 from emulator.remote_sites import plan_remote_sites
 from emulator.segments import extract_middle, plan_for
 from tests.tiny_models import tiny_model
@@ -71,7 +72,7 @@ def test_dlora_on_a_bf16_middle_matches_the_plain_bf16_middle():
     torch.testing.assert_close(grad, plain_grad)
 
 
-def test_backbone_dtype_names():
-    assert backbone_dtype("bf16") is torch.bfloat16 and backbone_dtype("float32") is torch.float32
-    with pytest.raises(ValueError, match="choose from"):
-        backbone_dtype("int4")
+def test_compute_dtype_names():
+    assert compute_dtype("bf16") is torch.bfloat16 and compute_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="--backbone-dtype 'int4': choose from"):
+        compute_dtype("int4", "--backbone-dtype")

@@ -59,3 +59,23 @@ def test_split_step_matches_peft_step(family, targets):
         ref_key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
         torch.testing.assert_close(grad, ref_grads[ref_key], rtol=1e-4, atol=1e-6)
         assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_bf16_middle_tracks_the_fp32_step(family):
+    """A frozen middle in bf16 (``--emulator-dtype bfloat16``): fp32 at the boundary, close to fp32."""
+    import copy
+
+    _, edge, middle, _ = reference_and_split(family)
+    ids, labels = make_batch()
+    exact = split_step(edge, LocalMiddle(middle), 1, ids, labels, Traffic())
+    want = {n: p.grad.clone() for n, p in lora_parameters(edge).items()}
+    edge.zero_grad(set_to_none=True)
+    link = LocalMiddle(copy.deepcopy(middle).to(torch.bfloat16))
+    hidden, _ = link.forward(1, torch.randn(2, 5, 32), False, Traffic())
+    assert link.dtype is torch.bfloat16 and hidden.dtype is torch.float32
+    approx = split_step(edge, link, 1, ids, labels, Traffic())
+    assert approx.loss == pytest.approx(exact.loss, rel=2e-2) and approx.loss != exact.loss
+    for name, p in lora_parameters(edge).items():
+        assert p.grad.dtype is torch.float32
+        assert float((p.grad - want[name]).norm() / want[name].norm()) < 0.1, name
