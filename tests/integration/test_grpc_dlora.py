@@ -101,7 +101,7 @@ def dlora_run(tiny_cloud, pki, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "edge.cli", "train", "--cloud", tiny_cloud.address, "--identity",
          str(identity(pki, "alice")), "--data", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
-         "--mode", "dlora", "--kr-budget", "0.5", "--kr-probe-every", "3", "--wire-dtype", "int8",
+         "--mode", "dlora", "--kr-budget", "0.5", "--kr-warmup", "1", "--kr-probe-every", "3", "--wire-dtype", "int8",
          "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "0",
          "--out", str(run), "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "EDGETUNE_CACHE": str(tmp_path_factory.getbasetemp() / "cache-dlora")})
