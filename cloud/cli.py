@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     srv.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     srv.add_argument("--backbone-dtype", default="float32", choices=["float32", "bfloat16"],
-                     help="dtype the frozen middle runs in; bfloat16 is about 1.5x faster per training step "
-                          "on CPUs with bf16 units, with a measured accuracy cost in docs/bench_split.md")
+                     help="dtype the frozen middle runs in; bfloat16 (the checkpoint's own dtype) is faster on "
+                          "CPUs with bf16 units, see docs/bench_split.md; tensors cross the wire as the edge asks")
     srv.add_argument("--max-streams-per-client", type=int, default=Limits.max_streams_per_client)
     srv.add_argument("--max-tensor-mb", type=float, default=Limits.max_tensor_bytes / 2**20,
                      help="largest tensor a client may send, in MiB")

@@ -1,9 +1,11 @@
 """Benchmark: one split step over loopback mutual TLS against the same LoRA step in-process.
 
-Runs on the real SmolLM2-135M. Three variants take turns step by step (so machine drift hits all
+Runs on the real SmolLM2-135M. Four variants take turns step by step (so machine drift hits all
 of them alike): the whole model with PEFT LoRA in one process, the same split segments with the
-middle in-process, and the split step against a real ``edgetune-cloud serve`` over mTLS. Writes
-JSON and a Markdown table.
+middle in-process (fp32, and bf16 as ``serve --backbone-dtype bfloat16`` runs it), and the split
+step against a real ``edgetune-cloud serve`` over mTLS. Also measures how far one bf16-middle step's
+loss and LoRA gradients are from the fp32 step's on the same weights and batch. Writes JSON and a
+Markdown table.
 
     python tests/benchmarks/bench_split.py --threads 2 --steps 8
 """
@@ -11,6 +13,7 @@ JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -92,6 +95,9 @@ def run(args, full, plan, settings, address, identity) -> dict:
         local_model = add_lora(edge, settings, spec)
         reference = get_peft_model(full, peft_config(remote_model, settings, spec, args.model))
         local = LocalMiddle(extract_middle(full, plan))
+        bf16_model = copy.deepcopy(local_model)
+        local_bf16 = LocalMiddle(extract_middle(full, plan).to(torch.bfloat16))
+        bf16_error = bf16_step_error(local_model, local, bf16_model, local_bf16, args, full.config.vocab_size)
         stream = client.train_stream(info)
         remote = RemoteMiddle(stream)
         variants = {
@@ -99,6 +105,8 @@ def run(args, full, plan, settings, address, identity) -> dict:
                                 [p for n, p in reference.named_parameters() if p.requires_grad]),
             "split_in_process": (lambda ids, lab, tr: split_step(local_model, local, 1, ids, lab, tr),
                                  list(lora_parameters(local_model).values())),
+            "split_in_process_bf16_middle": (lambda ids, lab, tr: split_step(bf16_model, local_bf16, 1, ids, lab, tr),
+                                             list(lora_parameters(bf16_model).values())),
             "split_grpc_mtls": (lambda ids, lab, tr: split_step(remote_model, remote, 1, ids, lab, tr),
                                 list(lora_parameters(remote_model).values())),
         }
@@ -130,7 +138,22 @@ def run(args, full, plan, settings, address, identity) -> dict:
         "payload_bytes_per_step": (traffic.payload_bytes_sent + traffic.payload_bytes_received) / args.steps,
         "payload_formula_bytes": 4 * b * s * h * 4,
         "round_trips_per_step": traffic.round_trips / args.steps,
+        "ratio_bf16_middle_vs_fp32_middle": med["split_in_process_bf16_middle"] / med["split_in_process"],
+        "bf16_middle_error": bf16_error,
     }
+
+
+def bf16_step_error(model, link, bf16_model, bf16_link, args, vocab: int) -> dict:
+    """One step of each on the same weights and batch: relative loss and LoRA-gradient differences."""
+    ids, labels = batch(args.batch_size, args.seq_len, vocab, 10_000)
+    exact = split_step(model, link, 1, ids, labels, Traffic()).loss
+    approx = split_step(bf16_model, bf16_link, 1, ids, labels, Traffic()).loss
+    grads = [torch.cat([p.grad.flatten() for p in lora_parameters(m).values() if p.grad is not None])
+             for m in (model, bf16_model)]
+    model.zero_grad(set_to_none=True)
+    bf16_model.zero_grad(set_to_none=True)
+    return {"loss_fp32": exact, "loss_bf16": approx, "loss_rel_diff": abs(approx - exact) / abs(exact),
+            "grad_rel_diff": float((grads[1] - grads[0]).norm() / grads[0].norm())}
 
 
 def markdown(r: dict) -> str:
@@ -144,7 +167,11 @@ def markdown(r: dict) -> str:
         f"- split over mTLS / split in-process: **{r['ratio_split_grpc_vs_split_in_process']:.2f}x**",
         f"- bytes per step: {r['bytes_per_step_sent']:.0f} sent, {r['bytes_per_step_received']:.0f} received "
         f"(payload {r['payload_bytes_per_step']:.0f}; formula 4 x B x S x H x 4 = {r['payload_formula_bytes']}); "
-        f"{r['round_trips_per_step']:.0f} round trips per step", "",
+        f"{r['round_trips_per_step']:.0f} round trips per step",
+        f"- middle in bf16 (`serve --backbone-dtype bfloat16`) / fp32, in-process: "
+        f"**{r['ratio_bf16_middle_vs_fp32_middle']:.2f}x** the step time; on one batch and the same weights "
+        f"its loss differs by {r['bf16_middle_error']['loss_rel_diff']:.2%} and its LoRA gradients by "
+        f"{r['bf16_middle_error']['grad_rel_diff']:.2%} (relative norm) from the fp32 step's", "",
         "Produced by `python tests/benchmarks/bench_split.py` (see the script for flags).", ""])
 
 
