@@ -323,6 +323,7 @@ def render(d: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)  # also the stand-in identity directory of TrainConfig
     torch.set_num_threads(args.threads)
     if args.phase == "all":
         phase_all(args)
