@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kr-probe-every", type=int, default=KillReviveConfig.probe_every,
                    help="a probe step computing every module every N steps (revives modules that matter again)")
     t.add_argument("--kr-ema", type=float, default=KillReviveConfig.ema, help="moving-average factor of the score")
+    t.add_argument("--kr-score", default=KillReviveConfig.score, choices=["grad", "taylor"],
+                   help="module importance: gradient norm, or |<dL/dB, B>| (the loss change of removing it)")
     t.add_argument("--kr-warmup", type=int, default=KillReviveConfig.warmup,
                    help="steps that train every module before the first kill (the first ranking averages them)")
     t.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
@@ -134,7 +136,7 @@ def _train(args: argparse.Namespace) -> None:
         warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip, edge_layers=args.edge_layers,
         lora=LoraSettings(args.lora_rank, args.lora_alpha, 0.0, targets), wire_dtype=wire,
         eval_batch=args.eval_batch, seed=args.seed, threads=args.threads,
-        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema, args.kr_warmup),
+        kr=KillReviveConfig(args.kr_budget, args.kr_probe_every, args.kr_ema, args.kr_warmup, args.kr_score),
         eval_before=not args.no_eval_before,
         checkpoint_every=args.checkpoint_every, resume=args.resume is not None, retries=args.retries,
         tune=args.tune, emulator_layers=args.emulator_layers, emulator_dtype=args.emulator_dtype,

@@ -256,6 +256,29 @@ class LoraModules:
             for p in self.parameters(name):
                 p.grad = None
 
+    def importance(self, score: str) -> dict[str, float]:
+        """Each computed module's Kill-and-Revive measurement for this step (``--kr-score``):
+
+        * ``grad``: ``sqrt(||dL/dA||^2 + ||dL/dB||^2)`` (:meth:`grad_norms`);
+        * ``taylor``: ``|<dL/dB, B>|`` = ``|<dL/dW, B A>|``, the first-order change of the loss if the
+          module's learnt update were taken away (zero while ``B`` is still zero).
+        """
+        if score == "grad":
+            return self.grad_norms()
+        out = {}
+        for name in self.names:
+            b = self._lora_b(name)
+            if b.grad is not None:
+                out[name] = abs(float((b.grad.float() * b.detach().float()).sum()))
+        return out
+
+    def _lora_b(self, name: str) -> torch.nn.Parameter:
+        if name in self.layers:
+            (b,) = self.layers[name].lora_B.parameters()
+            return b
+        assert self.server is not None
+        return self.server.bank.branch(self.sites[name]).lora_B.weight
+
     def grad_norms(self) -> dict[str, float]:
         """``sqrt(sum ||grad||^2)`` over each module's LoRA weights, for the modules that got gradients."""
         norms = {}

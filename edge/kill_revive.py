@@ -1,9 +1,11 @@
 """Kill-and-Revive: which LoRA modules a dlora step computes (docs/dlora.md states the rules).
 
-* Importance of module ``m``: ``s_m``, an exponential moving average (factor ``ema``) of the
-  gradient norm ``||g_m|| = sqrt(||dL/dA_m||^2 + ||dL/dB_m||^2)`` over the steps that computed it.
-  Under SGD one step lowers the loss by about ``lr * ||g_m||^2``, so a module whose gradients vanish
-  has nothing left to learn from this data.
+* Importance of module ``m``: ``s_m``, an exponential moving average (factor ``ema``) over the steps
+  that computed it of one of two measurements (``score``):
+  ``grad``, the gradient norm ``||g_m|| = sqrt(||dL/dA_m||^2 + ||dL/dB_m||^2)``: under SGD one step
+  lowers the loss by about ``lr * ||g_m||^2``, so a module whose gradients vanish has nothing left to
+  learn from this data; or ``taylor``, ``|<dL/dB_m, B_m>|``, the first-order change of the loss if the
+  module's learnt update ``B_m A_m`` were taken away (zero until ``B_m`` has moved off zero).
 * Warm-up: the first ``warmup`` steps compute (and train) every module, so the first ranking rests
   on a moving average over that many steps and not on the first step alone, where LoRA's zero-initialised
   ``B`` makes every ``dL/dA`` zero.
@@ -32,6 +34,7 @@ class KillReviveConfig:
     probe_every: int = 50
     ema: float = 0.9
     warmup: int = 20
+    score: str = "grad"  # "grad" (gradient norm) or "taylor" (|<dL/dB, B>|), see LoraModules.importance
 
     def problems(self) -> list[str]:
         out = []
@@ -41,6 +44,8 @@ class KillReviveConfig:
             out.append(f"--kr-probe-every {self.probe_every}: must be at least 1")
         if not 0 <= self.ema < 1:
             out.append(f"--kr-ema {self.ema}: must be in [0, 1)")
+        if self.score not in ("grad", "taylor"):
+            out.append(f"--kr-score {self.score!r}: choose grad or taylor")
         if self.warmup < 1:
             out.append(f"--kr-warmup {self.warmup}: must be at least 1 (the first ranking needs a measured step)")
         return out

@@ -313,7 +313,7 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
             traffic, t0 = Traffic(), time.perf_counter()
             out = _resilient_step(partial(split_step, model, link, step, input_ids, labels, traffic),
                                   flops, optimizer, reconnect, cfg.retries if reconnect else 1)
-            kr.observe(step, plan, modules.grad_norms())
+            kr.observe(step, plan, modules.importance(cfg.kr.score))
             if plan.probe:  # a module the probe (re)killed is measured, not trained
                 modules.drop_grads(frozenset(plan.active) - kr.active)
             if cfg.clip > 0:

@@ -42,15 +42,17 @@ class Run:
     mode: str
     wire: str
     kr: bool  # Kill-and-Revive with --kr-budget, --kr-warmup, --probe-every
+    score: str = "grad"  # Kill-and-Revive importance (--kr-score)
 
 
 RUNS = [Run("split", "split", "fp32", False), Run("dlora all-active", "dlora", "fp32", False),
-        Run("dlora + KR", "dlora", "fp32", True), Run("dlora + KR + int8", "dlora", "int8", True)]
+        Run("dlora + KR", "dlora", "fp32", True), Run("dlora + KR + int8", "dlora", "int8", True),
+        Run("dlora + KR (taylor score)", "dlora", "fp32", True, "taylor")]
 
 
 def summarize(run: Run, m: dict, kr: KillReviveConfig) -> dict:
     steps = m["steps"]
-    return {"run": run.name, "mode": run.mode, "wire_dtype": run.wire, "kr_budget": kr.budget,
+    return {"run": run.name, "mode": run.mode, "wire_dtype": run.wire, "kr_budget": kr.budget, "kr_score": kr.score,
             "eval_accuracy_after": m["eval_accuracy_after"], "eval_rows": m["eval_rows"],
             "edge_flops": m["edge_flops"], "edge_lora_flops": m["lora_flops"],
             "bytes_sent": m["bytes_sent"], "bytes_received": m["bytes_received"],
@@ -63,13 +65,18 @@ def summarize(run: Run, m: dict, kr: KillReviveConfig) -> dict:
 def goals(rows: dict[str, dict], zero_shot: float | None) -> list[str]:
     out = []
     base, kr, q = rows.get("dlora all-active"), rows.get("dlora + KR"), rows.get("dlora + KR + int8")
-    if base and kr:
-        flops = 1 - kr["edge_lora_flops"] / base["edge_lora_flops"]
-        traffic = 1 - _bytes(kr) / _bytes(base)
-        acc = (kr["eval_accuracy_after"] - base["eval_accuracy_after"]) * 100
-        out += [f"KR vs all-active: edge LoRA FLOPs -{flops:.1%} (goal >= 80%: {'met' if flops >= 0.8 else 'NOT met'})",
-                f"KR vs all-active: bytes -{traffic:.1%} (goal >= 85%: {'met' if traffic >= 0.85 else 'NOT met'})",
-                f"KR vs all-active: accuracy {acc:+.1f} points (goal within 1: {'met' if acc >= -1 else 'NOT met'})"]
+    for name, row in ((n, rows.get(n)) for n in ("dlora + KR", "dlora + KR (taylor score)")):
+        if not (base and row):
+            continue
+        who = "KR" if name == "dlora + KR" else "KR (taylor score)"
+        flops = 1 - row["edge_lora_flops"] / base["edge_lora_flops"]
+        traffic = 1 - _bytes(row) / _bytes(base)
+        acc = (row["eval_accuracy_after"] - base["eval_accuracy_after"]) * 100
+        out += [f"{who} vs all-active: edge LoRA FLOPs -{flops:.1%} (goal >= 80%: "
+                f"{'met' if flops >= 0.8 else 'NOT met'})",
+                f"{who} vs all-active: bytes -{traffic:.1%} (goal >= 85%: {'met' if traffic >= 0.85 else 'NOT met'})",
+                f"{who} vs all-active: accuracy {acc:+.1f} points (goal within 1: "
+                f"{'met' if acc >= -1 else 'NOT met'})"]
     if kr and q:
         ratio = _bytes(kr) / _bytes(q)
         acc = (q["eval_accuracy_after"] - kr["eval_accuracy_after"]) * 100
@@ -94,7 +101,8 @@ def write_report(rows: dict[str, dict], meta: dict, docs: Path) -> None:
     lines = ["# dlora benchmark (SmolLM2-135M, Rotten Tomatoes, loopback mutual TLS)", "",
              f"Command: `{meta['command']}`. {meta['steps']} steps per run, batch {meta['batch_size']}, "
              f"<= {meta['seq_len']} tokens, LoRA r={meta['rank']} on {meta['targets']}, lr {meta['lr']}, "
-             f"warmup {meta['warmup']}, clip 1, seed 0; KR budget {meta['kr_budget']}, KR warm-up "
+             f"warmup {meta['warmup']}, clip 1, seed 0; KR (gradient-norm score unless the run says "
+             f"taylor) budget {meta['kr_budget']}, KR warm-up "
              f"{meta['kr_warmup']} steps, probe every {meta['probe_every']}; the cloud's middle runs in "
              f"{meta['backbone_dtype']}. Eval: {n} rows (95% interval about +-{half * 100:.1f} points), every run "
              f"on the same rows. {meta['threads']} torch threads each for edge and cloud (sharing the machine's "
@@ -139,8 +147,8 @@ def main() -> int:
     rows: dict[str, dict] = {}
     try:
         for i, run in enumerate(r for r in RUNS if r.name in args.runs):
-            kr = KillReviveConfig(args.kr_budget, args.probe_every, warmup=args.kr_warmup) if run.kr else \
-                KillReviveConfig()
+            kr = KillReviveConfig(args.kr_budget, args.probe_every, warmup=args.kr_warmup, score=run.score) \
+                if run.kr else KillReviveConfig()
             cfg = TrainConfig(cloud=cloud.address, identity=pki / "clients" / "bench",
                               data=work / "data" / "client0" / "train.jsonl",
                               eval=work / "data" / "client0" / "eval.jsonl", out=work / "runs" / str(i),

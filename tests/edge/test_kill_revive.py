@@ -7,11 +7,14 @@ import torch
 
 from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer, lora_step_flops
 from edge.kill_revive import KillRevive, KillReviveConfig
+from edge.split import split_step
 from edge.train import TrainConfig, _train_loop
 from emulator.datasets import load_train
 from emulator.lora import LoraSettings
 from emulator.lora_bank import LoraBranch
+from protocol.accounting import Traffic
 from tests.edge.test_dlora_equivalence import dlora_setup
+from tests.edge.test_split_equivalence import make_batch
 from tests.tiny_models import tiny_tokenizer
 
 
@@ -150,3 +153,33 @@ def test_a_killed_module_is_not_trained_by_the_probes_that_measure_it(tiny_train
     assert any(not torch.equal(a, b) for a, b in zip(initial, final))  # warm-up steps 1-2 trained it
     for snap in snapshots:  # killed by the probe at step 3: that probe and those at 6 and 9 left it alone
         assert all(torch.equal(a, b) for a, b in zip(snap, final))
+
+
+def test_taylor_importance_is_the_loss_change_of_removing_the_update():
+    s = dlora_setup("llama")
+    server = SiteServer(s.bank)
+    modules = LoraModules(s.edge, s.spec, server)
+    link = LocalDloraMiddle(s.middle, server)
+    ids, labels = make_batch()
+
+    def loss() -> float:
+        for p in [*s.edge.parameters(), *s.bank.parameters()]:
+            p.grad = None
+        return split_step(s.edge, link, 1, ids, labels, Traffic()).loss
+
+    loss()
+    taylor, grads = modules.importance("taylor"), modules.importance("grad")
+    assert set(taylor) == set(grads) == set(modules.names) and grads == modules.grad_norms()
+    site = s.bank.sites[0]
+    b = s.bank.branch(site).lora_B.weight
+    assert taylor[site.name] == pytest.approx(abs(float((b.grad * b).sum())))
+    with_update = loss()
+    predicted = float((b.grad * b).sum())
+    modules.set_active(frozenset(modules.names) - {site.name})  # the module's update taken away
+    without = loss()
+    assert with_update - without == pytest.approx(predicted, rel=0.1)  # first order: a few % off here
+    modules.set_active(frozenset(modules.names))
+    for name in modules.names:
+        torch.nn.init.zeros_(modules._lora_b(name))
+    loss()
+    assert set(modules.importance("taylor").values()) == {0.0}  # nothing learnt yet, nothing to lose
