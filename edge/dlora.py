@@ -272,7 +272,7 @@ class LoraModules:
                 out[name] = abs(float((b.grad.float() * b.detach().float()).sum()))
         return out
 
-    def _lora_b(self, name: str) -> torch.nn.Parameter:
+    def _lora_b(self, name: str) -> torch.Tensor:
         if name in self.layers:
             (b,) = self.layers[name].lora_B.parameters()
             return b
