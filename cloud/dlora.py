@@ -58,6 +58,7 @@ class DloraBackbone:
 
     def __init__(self, middle: BlockStack, groups: Sequence[SiteGroup]) -> None:
         self.middle = middle
+        self.dtype = next(middle.parameters()).dtype  # the shared middle's; never converted per session
         self.groups = list(groups)
         self.n_sites = sum(len(g.sites) for g in self.groups)
 
@@ -73,8 +74,7 @@ class DloraBackbone:
                 exchange: EdgeSiteExchange) -> tuple[torch.Tensor, PendingBackward | None, float]:
         """Like :meth:`LocalBackbone.forward`, with the active sites' LoRA outputs from the edge."""
         stack = attach_remote_sites(self.middle, self.groups, active, exchange)
-        dtype = next(self.middle.parameters()).dtype  # the shared middle's dtype; never converted here
-        return LocalBackbone(stack, dtype).forward(hidden, keep_graph)
+        return LocalBackbone(stack, self.dtype).forward(hidden, keep_graph)
 
     def backward(self, pending: PendingBackward, grad_out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Backward through the graph of the forward; its site exchanges call out to the edge again."""

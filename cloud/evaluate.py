@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from cloud.registry import AdapterRegistry
 from emulator.datasets import Dataset, load_eval, parse_eval
 from emulator.models import compute_dtype, load_causal_lm, load_tokenizer, resolve_model
 from emulator.plugin import check_fits, plug_in
-from emulator.scoring import length_batches, predict
+from emulator.scoring import accuracy, predict
 
 
 class EvaluateError(ValueError):
@@ -108,9 +107,4 @@ def accuracy_of(model: PreTrainedModel, data: Dataset, pad_id: int, batch: int,
     def features(ids: torch.Tensor) -> torch.Tensor:
         return body(input_ids=ids).last_hidden_state  # final norm applied by every supported family
 
-    correct = 0
-    with tqdm(total=len(data.examples), desc=desc, unit="row") as bar:
-        for chunk in length_batches(data.examples, batch):
-            correct += sum(p == ex.answer for p, ex in zip(predict(chunk, features, head, pad_id), chunk))
-            bar.update(len(chunk))
-    return correct / len(data.examples)
+    return accuracy(data.examples, lambda chunk: predict(chunk, features, head, pad_id), batch, desc, leave=True)

@@ -33,7 +33,7 @@ from emulator.datasets import Dataset, load_eval, load_train, parse_eval, parse_
 from emulator.lora import LoraSettings, adapter_state_dict, add_lora, peft_config, save_adapter
 from emulator.lora_bank import LoraBank
 from emulator.models import COMPUTE_DTYPES, load_tokenizer
-from emulator.scoring import length_batches
+from emulator.scoring import accuracy
 from emulator.segments import EdgeModel
 from protocol.accounting import Traffic
 from protocol.channel import RETRYABLE, secure_channel
@@ -160,13 +160,7 @@ def evaluate(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, bat
              traffic: Traffic, desc: str = "eval") -> float:
     """Accuracy of ``model`` on a multiple-choice dataset by split inference."""
     model.eval()
-    correct = 0
-    with tqdm(total=len(data.examples), desc=desc, unit="row", leave=False) as bar:
-        for chunk in length_batches(data.examples, batch):
-            predictions = score_examples(model, link, chunk, pad_id, traffic)
-            correct += sum(p == ex.answer for p, ex in zip(predictions, chunk))
-            bar.update(len(chunk))
-    return correct / len(data.examples)
+    return accuracy(data.examples, lambda chunk: score_examples(model, link, chunk, pad_id, traffic), batch, desc)
 
 
 def start_run(cfg: TrainConfig) -> RunMetrics:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from emulator.datasets import EvalExample, pad_batch
 
@@ -53,3 +54,15 @@ def predict(examples: list[EvalExample], features: Features, lm_head: nn.Module,
     """Predictions for one batch of rows, ``features`` computing the final hidden states of padded ids."""
     ids = pad_batch([s for ex in examples for s in ex.sequences], pad_id)
     return choice_predictions(examples, features(ids), lm_head)
+
+
+def accuracy(examples: list[EvalExample], predict_batch: Callable[[list[EvalExample]], list[int]], batch: int,
+             desc: str = "eval", leave: bool = False) -> float:
+    """Share of rows whose predicted choice is the answer, with a progress bar; ``predict_batch``
+    predicts one batch of rows (see :func:`predict`)."""
+    correct = 0
+    with tqdm(total=len(examples), desc=desc, unit="row", leave=leave) as bar:
+        for chunk in length_batches(examples, batch):
+            correct += sum(p == ex.answer for p, ex in zip(predict_batch(chunk), chunk))
+            bar.update(len(chunk))
+    return correct / len(examples)
