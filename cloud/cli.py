@@ -13,19 +13,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cloud.emulators import BuildConfig, BuildConfigError, EmulatorSpec, EmulatorStore, build_recipe
 from cloud.errors import NotFound
-from cloud.evaluate import EvaluateConfig, EvaluateError, evaluate_recipe
-from cloud.handlers import Limits
-from cloud.server import ConfigError, ServeConfig, serve
-from emulator.arch import UnsupportedArchitectureError
-from emulator.compress import EmulatorError
-from emulator.corpus import CorpusError
-from emulator.datasets import DataError
-from emulator.distill import DistillSettings
-from emulator.lora import LoraSettings
-from emulator.models import ModelNotFoundError
-from emulator.segments import SplitError
+from cloud.owner.evaluate import EvaluateConfig, EvaluateError, evaluate_recipe
+from cloud.rpc.handlers import Limits
+from cloud.rpc.server import ConfigError, ServeConfig, serve
+from cloud.store.emulators import BuildConfig, BuildConfigError, EmulatorSpec, EmulatorStore, build_recipe
+from emulator.adapters.lora import LoraSettings
+from emulator.data.datasets import DataError
+from emulator.model.arch import UnsupportedArchitectureError
+from emulator.model.loading import ModelNotFoundError
+from emulator.model.segments import SplitError
+from emulator.offsite.compress import EmulatorError
+from emulator.offsite.corpus import CorpusError
+from emulator.offsite.distill import DistillSettings
 from protocol.channel import CredentialError
 from protocol.pki import PkiError, init_pki, issue_client, revoke_client
 
@@ -156,9 +156,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cloud.registry import AdapterRegistry
-    from emulator.models import load_causal_lm, resolve_model
-    from emulator.plugin import export_merged
+    from cloud.store.registry import AdapterRegistry
+    from emulator.adapters.plugin import export_merged
+    from emulator.model.loading import load_causal_lm, resolve_model
 
     model_dir = resolve_model(args.model)
     registry = AdapterRegistry(args.store)

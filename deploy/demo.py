@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from deploy.prepare_rotten_tomatoes import prepare  # noqa: E402
-from emulator.models import cache_root, resolve_model  # noqa: E402
+from emulator.model.loading import cache_root, resolve_model  # noqa: E402
 from protocol.pki import init_pki, issue_client  # noqa: E402
 
 

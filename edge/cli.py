@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from edge.checkpoint import CheckpointError
-from edge.client import CloudCallError, CloudClient
-from edge.dlora import load_dlora_adapter
-from edge.kill_revive import KillReviveConfig
-from edge.offsite import evaluate_offsite, train_offsite
-from edge.train import (
+from edge.modes.dlora import load_dlora_adapter
+from edge.modes.kill_revive import KillReviveConfig
+from edge.modes.offsite import evaluate_offsite, train_offsite
+from edge.rpc.client import CloudCallError, CloudClient
+from edge.training.checkpoint import CheckpointError
+from edge.training.recipes import (
     MODES,
     TUNES,
     WIRE_CHOICES,
@@ -30,9 +30,9 @@ from edge.train import (
     open_edge_session,
     train,
 )
-from emulator.datasets import DataError, load_eval, parse_eval
-from emulator.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, with_adapter
-from emulator.models import compute_dtype
+from emulator.adapters.lora import AdapterMismatchError, LoraSettings, add_lora, load_adapter_state, with_adapter
+from emulator.data.datasets import DataError, load_eval, parse_eval
+from emulator.model.loading import compute_dtype
 from protocol.accounting import Traffic
 from protocol.channel import CredentialError, secure_channel
 from protocol.diagnose import diagnose_connection

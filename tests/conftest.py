@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator.models import cache_root
+from emulator.model.loading import cache_root
 from protocol.pki import init_pki, issue_client
 from tests.tiny_models import save_tiny
 

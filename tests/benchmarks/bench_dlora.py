@@ -2,7 +2,7 @@
 
 SmolLM2-135M, one client's Rotten Tomatoes partition, the same steps, seed and settings for every
 run, side by side in one invocation: a coordinator process on loopback, the edge recipe
-(:func:`edge.train.train`) in this process. Writes ``docs/dlora_benchmark.json`` and
+(:func:`edge.training.recipes.train`) in this process. Writes ``docs/dlora_benchmark.json`` and
 ``docs/dlora_benchmark.md`` (after every run, so a partial result survives) and reports the goals
 of issue 4 (KR: >= 80 % fewer edge LoRA FLOPs and >= 85 % fewer bytes than all-active, accuracy
 within 1 point; int8: 4x fewer bytes than fp32, accuracy within 0.5 point).
@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "deploy"))
 
 from prepare_rotten_tomatoes import prepare  # noqa: E402
 
-from edge.kill_revive import KillReviveConfig  # noqa: E402
-from edge.train import TrainConfig, train  # noqa: E402
-from emulator.lora import LoraSettings  # noqa: E402
+from edge.modes.kill_revive import KillReviveConfig  # noqa: E402
+from edge.training.recipes import TrainConfig, train  # noqa: E402
+from emulator.adapters.lora import LoraSettings  # noqa: E402
 from protocol.pki import init_pki, issue_client  # noqa: E402
 from tests.conftest import start_cloud, stop_cloud  # noqa: E402
 

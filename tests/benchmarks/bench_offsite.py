@@ -33,18 +33,18 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cloud.emulators import EmulatorSpec, EmulatorStore, model_fingerprint  # noqa: E402
-from edge.metrics import FlopMeter, peak_rss_mb  # noqa: E402
-from edge.offsite import load_kit  # noqa: E402
-from edge.split import LocalMiddle, split_step  # noqa: E402
-from edge.train import TrainConfig, evaluate  # noqa: E402
-from emulator.arch import arch_for  # noqa: E402
-from emulator.bundle import bundle_files, write_bundle  # noqa: E402
-from emulator.datasets import IGNORE, load_eval, load_train, train_batches  # noqa: E402
-from emulator.lora import LoraSettings, add_lora, lora_parameters  # noqa: E402
-from emulator.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
-from emulator.plugin import apply_to_edge  # noqa: E402
-from emulator.segments import plan_for, split_causal_lm  # noqa: E402
+from cloud.store.emulators import EmulatorSpec, EmulatorStore, model_fingerprint  # noqa: E402
+from edge.modes.offsite import load_kit  # noqa: E402
+from edge.modes.split import LocalMiddle, split_step  # noqa: E402
+from edge.training.metrics import FlopMeter, peak_rss_mb  # noqa: E402
+from edge.training.recipes import TrainConfig, evaluate  # noqa: E402
+from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters  # noqa: E402
+from emulator.adapters.plugin import apply_to_edge  # noqa: E402
+from emulator.data.datasets import IGNORE, load_eval, load_train, train_batches  # noqa: E402
+from emulator.model.arch import arch_for  # noqa: E402
+from emulator.model.bundle import bundle_files, write_bundle  # noqa: E402
+from emulator.model.loading import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from emulator.model.segments import plan_for, split_causal_lm  # noqa: E402
 from protocol.accounting import Traffic  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -179,7 +179,7 @@ def child_offsite(args) -> None:
                      list(lora_parameters(model).values()), train_batches(data, cfg.batch_size, kit.pad_id, cfg.seed),
                      cfg)
     out["peak_rss_mb"] = peak_rss_mb()
-    from edge.offsite import save_trained
+    from edge.modes.offsite import save_trained
 
     adapter = save_trained(model, kit, cfg, args.work / "offsite-adapter")
     out["adapter_dir"], out["adapter_bytes"] = str(adapter), sum(p.stat().st_size for p in adapter.iterdir())

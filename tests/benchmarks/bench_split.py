@@ -28,13 +28,13 @@ from peft import get_peft_model
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from edge.client import CloudClient  # noqa: E402
-from edge.split import LocalMiddle, RemoteMiddle, split_step  # noqa: E402
-from emulator.bundle import load_edge_model  # noqa: E402
-from emulator.datasets import IGNORE  # noqa: E402
-from emulator.lora import LoraSettings, add_lora, lora_parameters, peft_config  # noqa: E402
-from emulator.models import load_causal_lm, resolve_model  # noqa: E402
-from emulator.segments import extract_middle, plan_for  # noqa: E402
+from edge.modes.split import LocalMiddle, RemoteMiddle, split_step  # noqa: E402
+from edge.rpc.client import CloudClient  # noqa: E402
+from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters, peft_config  # noqa: E402
+from emulator.data.datasets import IGNORE  # noqa: E402
+from emulator.model.bundle import load_edge_model  # noqa: E402
+from emulator.model.loading import load_causal_lm, resolve_model  # noqa: E402
+from emulator.model.segments import extract_middle, plan_for  # noqa: E402
 from protocol.accounting import Traffic  # noqa: E402
 from protocol.channel import secure_channel  # noqa: E402
 from protocol.pki import init_pki, issue_client  # noqa: E402

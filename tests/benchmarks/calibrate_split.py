@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deploy"))
 
-from emulator.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from emulator.model.loading import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 
 N_LAYERS = 30
 QV = ["q_proj", "v_proj"]

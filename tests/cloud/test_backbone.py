@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from cloud.backbone import LocalBackbone
-from cloud.dlora import DloraBackbone
-from emulator.models import compute_dtype
-from emulator.remote_sites import plan_remote_sites
-from emulator.segments import extract_middle, plan_for
+from cloud.backbone.dlora import DloraBackbone
+from cloud.backbone.local import LocalBackbone
+from emulator.adapters.remote_sites import plan_remote_sites
+from emulator.model.loading import compute_dtype
+from emulator.model.segments import extract_middle, plan_for
 from tests.tiny_models import tiny_model
 
 

@@ -3,11 +3,11 @@
 import pytest
 
 from cloud.cli import main as cloud_main
-from cloud.emulators import EmulatorSpec, EmulatorStore, emulator_key, model_fingerprint
 from cloud.errors import InvalidArgument
-from cloud.handlers import Coordinator
-from emulator.distill import DistillSettings
-from emulator.models import load_causal_lm, load_tokenizer
+from cloud.rpc.handlers import Coordinator
+from cloud.store.emulators import EmulatorSpec, EmulatorStore, emulator_key, model_fingerprint
+from emulator.model.loading import load_causal_lm, load_tokenizer
+from emulator.offsite.distill import DistillSettings
 from protocol.types import OpenSessionRequest
 
 

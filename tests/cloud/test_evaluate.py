@@ -8,12 +8,19 @@ import torch
 from peft import PeftModel
 
 from cloud.cli import main as cloud_main
-from cloud.evaluate import EvaluateConfig, EvaluateError, evaluate_recipe
-from cloud.registry import AdapterRegistry
-from emulator.arch import arch_for
-from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
-from emulator.models import load_causal_lm
-from emulator.segments import split_causal_lm
+from cloud.owner.evaluate import EvaluateConfig, EvaluateError, evaluate_recipe
+from cloud.store.registry import AdapterRegistry
+from emulator.adapters.lora import (
+    LoraSettings,
+    adapter_state_dict,
+    add_lora,
+    lora_parameters,
+    peft_config,
+    save_adapter,
+)
+from emulator.model.arch import arch_for
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import split_causal_lm
 from protocol.types import AdapterMeta
 from tests.tiny_models import tiny_tokenizer
 

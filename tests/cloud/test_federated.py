@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from cloud.errors import FailedPrecondition, PermissionDenied
-from cloud.federated import FederatedJob, FederatedSettings, fedavg, initial_lora_adapter
-from emulator.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, load_adapter_state
+from cloud.owner.federated import FederatedJob, FederatedSettings, fedavg, initial_lora_adapter
+from emulator.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, load_adapter_state
 from protocol.types import AdapterMeta
 from tests.tiny_models import tiny_model
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud.errors import CloudError
-from cloud.handlers import Coordinator, Limits
-from emulator.models import load_causal_lm
+from cloud.rpc.handlers import Coordinator, Limits
+from emulator.model.loading import load_causal_lm
 from protocol import edgetune_pb2 as pb
 from protocol import serde
 from protocol.tensors import tensor_chunks

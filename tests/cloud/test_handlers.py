@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
-from cloud.handlers import Coordinator
-from emulator.models import load_causal_lm
+from cloud.rpc.handlers import Coordinator
+from emulator.model.loading import load_causal_lm
 from protocol.tensors import TensorAssembler, tensor_chunks
 from protocol.types import EdgeMessage, OpenSessionRequest, Phase
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from cloud.errors import InvalidArgument, NotFound
-from cloud.registry import AdapterRegistry
-from cloud.vault import CorruptArtifactError, Vault
+from cloud.store.registry import AdapterRegistry
+from cloud.store.vault import CorruptArtifactError, Vault
 from protocol.fileio import atomic_write
 from protocol.types import AdapterMeta
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from edge.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from edge.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def setup(seed):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from emulator.datasets import IGNORE, DataError, load_eval, load_train, train_batches
+from emulator.data.datasets import IGNORE, DataError, load_eval, load_train, train_batches
 from tests.conftest import REPO
 from tests.tiny_models import tiny_tokenizer
 

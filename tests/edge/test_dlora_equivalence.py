@@ -6,13 +6,13 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer
-from edge.split import split_step
-from emulator.arch import ArchSpec, arch_for
-from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
-from emulator.lora_bank import LoraBank
-from emulator.remote_sites import plan_remote_sites
-from emulator.segments import EdgeModel, split_causal_lm
+from edge.modes.dlora import LocalDloraMiddle, LoraModules, SiteServer
+from edge.modes.split import split_step
+from emulator.adapters.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
+from emulator.adapters.lora_bank import LoraBank
+from emulator.adapters.remote_sites import plan_remote_sites
+from emulator.model.arch import ArchSpec, arch_for
+from emulator.model.segments import EdgeModel, split_causal_lm
 from protocol.accounting import Traffic
 from tests.conftest import FAMILIES
 from tests.edge.test_split_equivalence import make_batch

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from edge.dlora import LocalDloraMiddle, LoraModules, SiteServer, lora_step_flops
-from edge.kill_revive import KillRevive, KillReviveConfig
-from edge.split import split_step
-from edge.train import TrainConfig, _train_loop
-from emulator.datasets import load_train
-from emulator.lora import LoraSettings
-from emulator.lora_bank import LoraBranch
+from edge.modes.dlora import LocalDloraMiddle, LoraModules, SiteServer, lora_step_flops
+from edge.modes.kill_revive import KillRevive, KillReviveConfig
+from edge.modes.split import split_step
+from edge.training.recipes import TrainConfig, _train_loop
+from emulator.adapters.lora import LoraSettings
+from emulator.adapters.lora_bank import LoraBranch
+from emulator.data.datasets import load_train
 from protocol.accounting import Traffic
 from tests.edge.test_dlora_equivalence import dlora_setup
 from tests.edge.test_split_equivalence import make_batch

@@ -4,11 +4,11 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge.split import LocalMiddle, split_step
-from emulator.arch import arch_for
-from emulator.datasets import IGNORE
-from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
-from emulator.segments import split_causal_lm
+from edge.modes.split import LocalMiddle, split_step
+from emulator.adapters.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config
+from emulator.data.datasets import IGNORE
+from emulator.model.arch import arch_for
+from emulator.model.segments import split_causal_lm
 from protocol.accounting import Traffic
 from tests.conftest import FAMILIES
 from tests.tiny_models import tiny_model

@@ -1,9 +1,9 @@
 import torch
 from safetensors.torch import load_file
 
-from emulator.bundle import WEIGHTS, bundle_id, load_edge_model, write_bundle
-from emulator.models import load_causal_lm
-from emulator.segments import extract_middle, plan_for
+from emulator.model.bundle import WEIGHTS, bundle_id, load_edge_model, write_bundle
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 
 
 def test_bundle_rebuilds_edge_without_middle(tiny_dirs, tmp_path):
@@ -26,7 +26,7 @@ def test_bundle_rebuilds_edge_without_middle(tiny_dirs, tmp_path):
 
 
 def test_tied_head_is_stored_once(tiny_dirs, tmp_path):
-    from emulator.bundle import read_plan
+    from emulator.model.bundle import read_plan
 
     model = load_causal_lm(tiny_dirs["llama"])  # tie_word_embeddings=True
     bundle = write_bundle(model, tiny_dirs["llama"], plan_for(model.config, 1), tmp_path, "tiny")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from emulator.compress import EmulatorError, drop_indices, layer_drop, prune_magnitude, quantize_weights
-from emulator.segments import extract_blocks, plan_for, run_blocks, split_causal_lm
+from emulator.model.segments import extract_blocks, plan_for, run_blocks, split_causal_lm
+from emulator.offsite.compress import EmulatorError, drop_indices, layer_drop, prune_magnitude, quantize_weights
 from tests.tiny_models import tiny_model
 
 

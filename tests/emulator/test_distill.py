@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from emulator.compress import layer_drop
-from emulator.corpus import CorpusError, file_texts, held_out_split, load_texts, speech_texts, token_chunks
-from emulator.distill import DistillSettings, distill, evaluate_kd, kd_loss
-from emulator.segments import split_causal_lm
+from emulator.model.segments import split_causal_lm
+from emulator.offsite.compress import layer_drop
+from emulator.offsite.corpus import CorpusError, file_texts, held_out_split, load_texts, speech_texts, token_chunks
+from emulator.offsite.distill import DistillSettings, distill, evaluate_kd, kd_loss
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 

@@ -3,8 +3,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from emulator.arch import arch_for
-from emulator.lora import (
+from emulator.adapters.lora import (
     AdapterMismatchError,
     LoraSettings,
     adapter_state_dict,
@@ -15,7 +14,8 @@ from emulator.lora import (
     peft_config,
     save_adapter,
 )
-from emulator.segments import split_causal_lm
+from emulator.model.arch import arch_for
+from emulator.model.segments import split_causal_lm
 from tests.conftest import FAMILIES
 from tests.tiny_models import tiny_model
 

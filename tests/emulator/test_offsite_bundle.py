@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emulator.bundle import EMULATOR_WEIGHTS, WEIGHTS, load_edge_model, load_emulator, read_plan, write_bundle
-from emulator.compress import layer_drop
-from emulator.corpus import speech_texts, token_chunks
-from emulator.distill import DistillSettings, distill
-from emulator.models import load_causal_lm
-from emulator.segments import extract_middle, plan_for, split_causal_lm
+from emulator.model.bundle import EMULATOR_WEIGHTS, WEIGHTS, load_edge_model, load_emulator, read_plan, write_bundle
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for, split_causal_lm
+from emulator.offsite.compress import layer_drop
+from emulator.offsite.corpus import speech_texts, token_chunks
+from emulator.offsite.distill import DistillSettings, distill
 from tests.tiny_models import tiny_tokenizer
 
 

@@ -3,7 +3,7 @@
 import onnxruntime as ort
 import torch
 
-from emulator.segments import split_causal_lm
+from emulator.model.segments import split_causal_lm
 from tests.tiny_models import tiny_model
 
 

@@ -6,10 +6,16 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge.split import LocalMiddle, split_logits
-from emulator.arch import arch_for, get_submodule
-from emulator.lora import LoraSettings, adapter_state_dict, add_lora, lora_parameters, peft_config, save_adapter
-from emulator.plugin import (
+from edge.modes.split import LocalMiddle, split_logits
+from emulator.adapters.lora import (
+    LoraSettings,
+    adapter_state_dict,
+    add_lora,
+    lora_parameters,
+    peft_config,
+    save_adapter,
+)
+from emulator.adapters.plugin import (
     adapter_format,
     apply_to_edge,
     block_parameters,
@@ -19,7 +25,8 @@ from emulator.plugin import (
     plug_in,
     save_delta,
 )
-from emulator.segments import full_model_name, split_causal_lm
+from emulator.model.arch import arch_for, get_submodule
+from emulator.model.segments import full_model_name, split_causal_lm
 from protocol.accounting import Traffic
 from tests.conftest import FAMILIES
 from tests.tiny_models import tiny_model
@@ -94,7 +101,7 @@ def test_an_adapter_for_another_model_does_not_fit(tmp_path):
 
 
 def test_export_writes_a_plain_hf_directory(tiny_dirs, tmp_path):
-    from emulator.models import load_causal_lm
+    from emulator.model.loading import load_causal_lm
 
     model = load_causal_lm(tiny_dirs["llama"])
     _, split, edge = trained_lora("llama", tmp_path / "adapter")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from emulator.arch import UnsupportedArchitectureError, arch_for
-from emulator.segments import SplitError, SplitPlan, full_model_name, split_causal_lm
+from emulator.model.arch import UnsupportedArchitectureError, arch_for
+from emulator.model.segments import SplitError, SplitPlan, full_model_name, split_causal_lm
 from tests.conftest import FAMILIES
 from tests.tiny_models import tiny_model
 

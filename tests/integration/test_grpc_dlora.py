@@ -10,15 +10,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge.client import CloudCallError, CloudClient
-from edge.dlora import DloraMiddle, LocalDloraMiddle, SiteServer, load_dlora_adapter, plan_bank_sites
-from edge.split import split_logits, split_step
-from emulator.arch import arch_for
-from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, load_adapter_state, lora_parameters
-from emulator.lora_bank import LoraBank
-from emulator.models import load_causal_lm
-from emulator.segments import extract_middle, plan_for
+from edge.modes.dlora import DloraMiddle, LocalDloraMiddle, SiteServer, load_dlora_adapter, plan_bank_sites
+from edge.modes.split import split_logits, split_step
+from edge.rpc.client import CloudCallError, CloudClient
+from emulator.adapters.lora import LoraSettings, add_lora, load_adapter_state, lora_parameters
+from emulator.adapters.lora_bank import LoraBank
+from emulator.model.arch import arch_for
+from emulator.model.bundle import load_edge_model
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol.accounting import Traffic
 from protocol.channel import secure_channel
 from protocol.tensors import wire_nbytes

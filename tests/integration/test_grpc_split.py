@@ -10,13 +10,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge.client import CloudCallError, CloudClient
-from edge.split import LocalMiddle, RemoteMiddle, split_logits, split_step
-from emulator.arch import arch_for
-from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, lora_parameters, with_adapter
-from emulator.models import load_causal_lm
-from emulator.segments import extract_middle, plan_for
+from edge.modes.split import LocalMiddle, RemoteMiddle, split_logits, split_step
+from edge.rpc.client import CloudCallError, CloudClient
+from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters, with_adapter
+from emulator.model.arch import arch_for
+from emulator.model.bundle import load_edge_model
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol import edgetune_pb2 as pb
 from protocol import edgetune_pb2_grpc as pb_grpc
 from protocol.accounting import Traffic

@@ -11,10 +11,10 @@ import grpc
 import pytest
 import torch
 
-from edge.client import CloudCallError, CloudClient
-from edge.split import RemoteMiddle, split_step
-from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora
+from edge.modes.split import RemoteMiddle, split_step
+from edge.rpc.client import CloudCallError, CloudClient
+from emulator.adapters.lora import LoraSettings, add_lora
+from emulator.model.bundle import load_edge_model
 from protocol import edgetune_pb2 as pb
 from protocol import edgetune_pb2_grpc as pb_grpc
 from protocol import serde

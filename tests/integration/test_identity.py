@@ -8,7 +8,7 @@ import sys
 import grpc
 import pytest
 
-from edge.client import CloudCallError, CloudClient
+from edge.rpc.client import CloudCallError, CloudClient
 from protocol import edgetune_pb2 as pb
 from protocol import edgetune_pb2_grpc as pb_grpc
 from protocol.channel import GRPC_OPTIONS, CredentialError, secure_channel

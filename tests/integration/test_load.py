@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from edge.client import CloudClient
-from edge.split import LocalMiddle, RemoteMiddle, split_step
-from emulator.bundle import load_edge_model
-from emulator.lora import LoraSettings, add_lora, lora_parameters
-from emulator.models import load_causal_lm
-from emulator.segments import extract_middle, plan_for
+from edge.modes.split import LocalMiddle, RemoteMiddle, split_step
+from edge.rpc.client import CloudClient
+from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters
+from emulator.model.bundle import load_edge_model
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol.accounting import Traffic
 from protocol.channel import secure_channel
 from protocol.pki import issue_client

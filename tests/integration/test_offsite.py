@@ -10,17 +10,17 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cloud.federated import fedavg
-from edge.client import CloudCallError, CloudClient
-from edge.offsite import train_offsite
-from edge.split import LocalMiddle, score_examples
-from edge.train import TrainConfig
-from emulator.arch import arch_for
-from emulator.datasets import load_eval
-from emulator.lora import LoraSettings, load_adapter_state
-from emulator.models import load_causal_lm
-from emulator.plugin import adapter_state, apply_to_edge, plug_in
-from emulator.segments import split_causal_lm
+from cloud.owner.federated import fedavg
+from edge.modes.offsite import train_offsite
+from edge.modes.split import LocalMiddle, score_examples
+from edge.rpc.client import CloudCallError, CloudClient
+from edge.training.recipes import TrainConfig
+from emulator.adapters.lora import LoraSettings, load_adapter_state
+from emulator.adapters.plugin import adapter_state, apply_to_edge, plug_in
+from emulator.data.datasets import load_eval
+from emulator.model.arch import arch_for
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import split_causal_lm
 from protocol.accounting import GRPC_FRAME_BYTES, Traffic
 from protocol.channel import secure_channel
 from protocol.pki import issue_client

@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge.client import CloudClient
-from edge.split import RemoteMiddle, split_logits
-from emulator.bundle import load_edge_model
-from emulator.lora import with_adapter
-from emulator.models import load_causal_lm, resolve_model
+from edge.modes.split import RemoteMiddle, split_logits
+from edge.rpc.client import CloudClient
+from emulator.adapters.lora import with_adapter
+from emulator.model.bundle import load_edge_model
+from emulator.model.loading import load_causal_lm, resolve_model
 from protocol.accounting import Traffic
 from protocol.channel import secure_channel
 from tests.conftest import REPO, start_cloud, stop_cloud

@@ -1,0 +1,1 @@
+"""The edge's typed view of the coordinator over one mutual-TLS channel."""

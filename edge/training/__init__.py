@@ -1,0 +1,1 @@
+"""The edge's training loop around the modes: recipes, checkpoints, run state and accounting."""

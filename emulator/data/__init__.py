@@ -1,0 +1,1 @@
+"""Data and scoring: the JSONL dataset format, tokenization, batching and multiple-choice scoring."""

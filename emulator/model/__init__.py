@@ -1,0 +1,1 @@
+"""Model surgery: the architecture table, loading, segments and edge bundles."""
