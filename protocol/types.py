@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+MODES = ("split", "dlora", "offsite")  # the training modes an edge may open a session in
+
 
 class Phase(IntEnum):
     """What a training-stream message carries (values match the ``Phase`` enum on the wire)."""

@@ -4,14 +4,14 @@ gRPC hands a stream handler an iterator of edge messages and takes a generator o
 forward cannot ``yield`` from inside a block. So each step runs as a *job* on a worker thread, and
 the job's :meth:`Conversation.callout` hands a request to the stream handler, which sends it and
 feeds the edge's answer back. Exactly one side acts at a time: the handler waits while the job
-computes, the job waits while the edge answers. The cloud's compute time excludes those waits.
+computes, the job waits while the edge answers. The job reports its compute seconds (the backbone
+runner's, which exclude those waits).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +59,7 @@ class StreamClosed(Exception):
 
 
 CalloutFn = Callable[[Callout], Answer]
-Job = Callable[[CalloutFn], tuple[Phase, str, torch.Tensor]]
+Job = Callable[[CalloutFn], tuple[Phase, str, torch.Tensor, float]]
 _CLOSED = object()
 
 
@@ -70,7 +70,6 @@ class Conversation:
         self._out: queue.Queue = queue.Queue()
         self._in: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._waited_s = 0.0
 
     @property
     def busy(self) -> bool:
@@ -85,7 +84,6 @@ class Conversation:
         """
         if self.busy:
             raise FailedPrecondition("a new step arrived while the cloud waits for the edge's site answer")
-        self._waited_s = 0.0
         self._thread = threading.Thread(target=self._run, args=(job,), name="edgetune-step", daemon=True)
         self._thread.start()
         return self._next()
@@ -99,10 +97,8 @@ class Conversation:
 
     def callout(self, request: Callout) -> Answer:
         """Called by the job (worker thread): asks the edge and blocks until it answers."""
-        start = time.perf_counter()
         self._out.put(request)
         answer = self._in.get()
-        self._waited_s += time.perf_counter() - start
         if answer is _CLOSED:
             raise StreamClosed("the training stream closed mid-step")
         return answer
@@ -115,10 +111,8 @@ class Conversation:
             self._thread = None
 
     def _run(self, job: Job) -> None:
-        start = time.perf_counter()
         try:
-            phase, name, tensor = job(self.callout)
-            self._out.put(Finished(phase, name, tensor, time.perf_counter() - start - self._waited_s))
+            self._out.put(Finished(*job(self.callout)))
         except BaseException as err:  # noqa: BLE001 - re-raised in the handler's thread
             self._out.put(_Failed(err))
 

@@ -1,8 +1,8 @@
-"""dlora on the cloud: the frozen middle blocks with every active LoRA site answered by the edge.
+"""dlora on the cloud: the session's remote LoRA sites, each answered by the edge.
 
-The cloud never holds a LoRA weight of a dlora session. For each step it wires the session's
-active sites into a copy of the middle (:func:`emulator.adapters.remote_sites.attach_remote_sites`) whose
-exchange is :class:`EdgeSiteExchange`: a call-out over the session's training stream.
+The cloud never holds a LoRA weight of a dlora session. For each step :meth:`SessionSites.calls`
+builds the ``sites`` argument of :meth:`cloud.backbone.seam.BackboneRunner.forward`: the active sites
+and :class:`EdgeSiteExchange`, a call-out over the session's training stream.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from cloud.backbone.conversation import Answer, Callout, CalloutFn
-from cloud.backbone.local import LocalBackbone, PendingBackward
 from cloud.errors import InvalidArgument
-from emulator.adapters.remote_sites import SiteGroup, attach_remote_sites
-from emulator.model.segments import BlockStack
+from emulator.adapters.remote_sites import RemoteSiteCalls, SiteGroup
 from protocol.types import Phase
 
 
@@ -48,17 +46,14 @@ class EdgeSiteExchange:
         return answer.tensor
 
 
-class DloraBackbone:
-    """The frozen middle blocks of a dlora session and the session's remote sites.
+class SessionSites:
+    """The remote LoRA sites of one dlora session.
 
     Args:
-        middle: the shared frozen middle (the backbone's dtype); never modified.
         groups: the session's site groups, from :func:`emulator.adapters.remote_sites.plan_remote_sites`.
     """
 
-    def __init__(self, middle: BlockStack, groups: Sequence[SiteGroup]) -> None:
-        self.middle = middle
-        self.dtype = next(middle.parameters()).dtype  # the shared middle's; never converted per session
+    def __init__(self, groups: Sequence[SiteGroup]) -> None:
         self.groups = list(groups)
         self.n_sites = sum(len(g.sites) for g in self.groups)
 
@@ -70,13 +65,6 @@ class DloraBackbone:
                                   f"below {self.n_sites} (see SessionInfo.remote_sites)")
         return frozenset(active)
 
-    def forward(self, hidden: torch.Tensor, keep_graph: bool, active: frozenset[int],
-                exchange: EdgeSiteExchange) -> tuple[torch.Tensor, PendingBackward | None, float]:
-        """Like :meth:`LocalBackbone.forward`, with the active sites' LoRA outputs from the edge."""
-        stack = attach_remote_sites(self.middle, self.groups, active, exchange)
-        return LocalBackbone(stack, self.dtype).forward(hidden, keep_graph)
-
-    def backward(self, pending: PendingBackward, grad_out: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Backward through the graph of the forward; its site exchanges call out to the edge again."""
-        (grad_in,) = torch.autograd.grad(pending.outputs, pending.inputs, grad_out.to(pending.outputs.dtype))
-        return grad_in.float(), 0.0
+    def calls(self, active: Sequence[int], step: int, callout: CalloutFn) -> RemoteSiteCalls:
+        """The ``sites`` of step ``step``'s forward: the active sites, answered over ``callout``."""
+        return RemoteSiteCalls(self.groups, self.check_active(active, step), EdgeSiteExchange(callout, step))

@@ -21,8 +21,8 @@ import torch
 from transformers import PreTrainedModel
 
 from cloud.backbone.conversation import Answer, Callout, CalloutFn, Conversation, Finished
-from cloud.backbone.dlora import DloraBackbone, EdgeSiteExchange
-from cloud.backbone.local import LocalBackbone
+from cloud.backbone.dlora import SessionSites
+from cloud.backbone.seam import BackboneRunner, RunnerError, local_runner
 from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cloud.owner.federated import FederatedJob, FederatedSettings, initial_lora_adapter
 from cloud.rpc.sessions import Session, SessionLog, SessionManager
@@ -39,11 +39,12 @@ from emulator.adapters.plugin import check_fits
 from emulator.adapters.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
 from emulator.model.arch import arch_for, hidden_size
 from emulator.model.bundle import bundle_files, bundle_id, write_bundle
-from emulator.model.segments import BlockStack, SplitError, SplitPlan, extract_middle, plan_for
+from emulator.model.segments import SplitError, SplitPlan, extract_middle, plan_for
 from emulator.offsite.compress import EmulatorError
 from protocol.serde import WireFormatError
 from protocol.tensors import TensorAssembler, bytes_chunks, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
+    MODES,
     AdapterList,
     AdapterMeta,
     AdapterUpload,
@@ -57,8 +58,6 @@ from protocol.types import (
     RoundTask,
     SessionInfo,
 )
-
-MODES = ("split", "dlora", "offsite")
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class SplitBackend:
 
     info: ModelInfo
     bundle_dir: Path
-    runner: LocalBackbone
+    runner: BackboneRunner
 
 
 @dataclass
@@ -113,7 +112,8 @@ class Coordinator:
         self.limits = limits or Limits()
         self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
-        self.sessions = SessionManager()
+        self.sessions = SessionManager(self.limits.idle_timeout_s)
+        self.sessions.start_reaper(min(self.limits.idle_timeout_s / 2, 60.0))
         self.registry = AdapterRegistry(store)  # creates the store directory
         self.session_log = SessionLog(store / "sessions.sqlite")
         self.emulators = EmulatorStore(store)
@@ -136,7 +136,7 @@ class Coordinator:
                 info = ModelInfo(self.model_name, self.model.config.model_type, plan.n_blocks,
                                  hidden_size(self.model.config), edge_layers, bundle_id(bundle_dir),
                                  sum(p.stat().st_size for p in bundle_files(bundle_dir)))
-                runner = LocalBackbone(extract_middle(self.model, plan), self.backbone_dtype)
+                runner = local_runner(extract_middle(self.model, plan), self.backbone_dtype)
                 self._backends[edge_layers] = SplitBackend(info, bundle_dir, runner)
             return self._backends[edge_layers]
 
@@ -168,9 +168,8 @@ class Coordinator:
         if request.mode == "dlora":
             groups = self._remote_sites(plan, request.lora_targets)
             names = tuple(site.name for site in flatten(groups))
-            assert isinstance(backend.runner.segment, BlockStack)
-            runner = DloraBackbone(backend.runner.segment, groups)
-            session = self.sessions.open(owner, request.mode, plan, runner, names, session_id)
+            session = self.sessions.open(owner, request.mode, plan, backend.runner, names, session_id,
+                                         SessionSites(groups))
             return SessionInfo(session.session_id, backend.info, names)
         session = self.sessions.open(owner, request.mode, plan, backend.runner, session_id=session_id)
         return SessionInfo(session.session_id, backend.info)
@@ -245,6 +244,16 @@ class Coordinator:
                     yield from self._reply(head, self._advance(session, conversation, head, tensor))
         finally:
             conversation.close()
+            if session is not None:
+                self._release(session)
+
+    @staticmethod
+    def _release(session: Session) -> None:
+        """Frees the graphs the runner keeps for ``session`` (a stream closed between forward and backward)."""
+        with session.lock:
+            if session.runner is not None and session.pending_step is not None:
+                session.runner.release(session.session_id)
+            session.pending_step = None
 
     def _advance(self, session: Session, conversation: Conversation, head: EdgeMessage,
                  tensor: torch.Tensor) -> Callout | Finished:
@@ -253,10 +262,7 @@ class Coordinator:
             return conversation.answer(Answer(head.phase, head.site_group, tensor))
         if head.phase not in (Phase.FORWARD_TRAIN, Phase.FORWARD_EVAL, Phase.BACKWARD):
             raise InvalidArgument(f"phase {head.phase.name} is not sent by an edge")
-        outgoing = conversation.start(lambda callout: self._step(session, head, tensor, callout))
-        if isinstance(outgoing, Finished):
-            session.compute_s += outgoing.compute_s
-        return outgoing
+        return conversation.start(lambda callout: self._step(session, head, tensor, callout))
 
     def _reply(self, head: EdgeMessage, outgoing: Callout | Finished) -> Iterator[CloudMessage]:
         assert head.tensor is not None
@@ -270,35 +276,38 @@ class Coordinator:
             yield CloudMessage(head.step, phase, chunk, compute_s if last else 0.0, group)
 
     def _step(self, session: Session, head: EdgeMessage, tensor: torch.Tensor,
-              callout: CalloutFn) -> tuple[Phase, str, torch.Tensor]:
-        """One step's compute (in the conversation's worker thread): returns the reply to the edge."""
+              callout: CalloutFn) -> tuple[Phase, str, torch.Tensor, float]:
+        """One step's compute (in the conversation's worker thread): the reply to the edge and the
+        runner's compute seconds (recorded in the session's stats)."""
         with session.lock:
-            if head.phase is Phase.BACKWARD:
-                return Phase.GRADIENT, "grad_down", self._backward(session, head.step, tensor)
-            self._check_hidden(tensor, head.step)
-            train = head.phase is Phase.FORWARD_TRAIN
             runner = session.runner
             assert runner is not None  # offsite sessions are refused when their stream opens
-            if isinstance(runner, DloraBackbone):
-                active = runner.check_active(head.active_sites, head.step)
-                out, pending, _ = runner.forward(tensor, train, active, EdgeSiteExchange(callout, head.step))
-            else:
-                out, pending, _ = runner.forward(tensor, keep_graph=train)
-            session.pending_step, session.pending = (head.step, pending) if train else (None, None)
-            return Phase.ACTIVATION, "hidden_up", out
+            session.touch()
+            if head.phase is Phase.BACKWARD:
+                out, compute_s = self._backward(session, runner, head.step, tensor)
+                session.record_compute(compute_s, step_done=True)
+                return Phase.GRADIENT, "grad_down", out, compute_s
+            self._check_hidden(tensor, head.step)
+            train = head.phase is Phase.FORWARD_TRAIN
+            sites = session.sites.calls(head.active_sites, head.step, callout) if session.sites else None
+            if session.pending_step is not None:  # a forward replaces the one left without its backward
+                runner.release(session.session_id)
+                session.pending_step = None
+            out, compute_s = runner.forward(session.session_id, head.step, tensor, train, sites)
+            session.pending_step = head.step if train else None
+            session.record_compute(compute_s)
+            return Phase.ACTIVATION, "hidden_up", out, compute_s
 
-    def _backward(self, session: Session, step: int, grad: torch.Tensor) -> torch.Tensor:
-        pending = session.pending
-        if pending is None or session.pending_step != step:
+    def _backward(self, session: Session, runner: BackboneRunner, step: int,
+                  grad: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if session.pending_step != step:
             raise FailedPrecondition(f"backward for step {step} without its training forward")
-        if tuple(grad.shape) != tuple(pending.outputs.shape):
-            raise InvalidArgument(f"step {step}: gradient shape {tuple(grad.shape)} does not "
-                                  f"match the activation {tuple(pending.outputs.shape)}")
         self._check_finite(grad, step)
-        session.pending_step, session.pending = None, None
-        assert session.runner is not None
-        out, _ = session.runner.backward(pending, grad)
-        session.steps += 1
+        try:
+            out = runner.backward(session.session_id, step, grad)
+        except RunnerError as err:
+            raise InvalidArgument(str(err)) from None
+        session.pending_step = None
         return out
 
     def _check_hidden(self, tensor: torch.Tensor, step: int) -> None:

@@ -21,9 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from edge.rpc.client import CloudCallError, TrainStream
 from emulator.adapters.lora import load_into_segments
 from emulator.adapters.lora_bank import LoraBank
-from emulator.adapters.remote_sites import SiteGroup, attach_remote_sites, plan_remote_sites
+from emulator.adapters.remote_sites import RemoteSiteCalls, SiteGroup, plan_remote_sites
 from emulator.model.arch import ArchSpec
 from emulator.model.bundle import read_plan
+from emulator.model.runner import SegmentRunner
 from emulator.model.segments import BlockStack, EdgeModel, full_model_name, plan_for
 from protocol.accounting import Traffic
 from protocol.types import Phase
@@ -176,32 +177,22 @@ class _DirectExchange:
 
 
 class LocalDloraMiddle:
-    """dlora with the middle in this process: the same site exchanges, no network (reference path)."""
+    """dlora with the middle in this process: the same runner and site exchanges, no network (reference path)."""
 
     def __init__(self, middle: BlockStack, server: SiteServer) -> None:
         self.middle, self.server = middle, server
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.runner = SegmentRunner(middle)
 
     def forward(self, step, hidden, train, traffic):
         active = frozenset(self.server.begin(train))
-        stack = attach_remote_sites(self.middle, self.server.bank.groups, active, _DirectExchange(self.server))
-        if not train:
-            with torch.no_grad():
-                return stack(hidden), 0.0
-        inputs = hidden.detach().requires_grad_(True)
-        out = stack(inputs)
-        self._pending = (inputs, out)
-        return out.detach(), 0.0
+        sites = RemoteSiteCalls(self.server.bank.groups, active, _DirectExchange(self.server))
+        self.runner.release("local")  # a forward replaces one left without its backward
+        out, _ = self.runner.forward("local", step, hidden, train, sites)
+        return out, 0.0
 
     def backward(self, step, grad, traffic):
-        assert self._pending is not None, "backward without forward"
-        inputs, out = self._pending
-        self._pending = None
-        # backward(), not autograd.grad(): the site branches run their own backward inside this one,
-        # which FlopCounterMode's module tracking only supports under backward().
-        out.backward(grad, inputs=[inputs])
-        assert inputs.grad is not None
-        return inputs.grad, 0.0
+        out, _ = self.runner.backward("local", step, grad)
+        return out, 0.0
 
 
 def lora_step_flops(tokens: int, rank: int, in_features: int, out_features: int) -> int:

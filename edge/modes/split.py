@@ -17,7 +17,9 @@ from torch import nn
 from edge.rpc.client import TrainStream
 from emulator.data.datasets import IGNORE, EvalExample
 from emulator.data.scoring import predict
+from emulator.model.runner import SegmentRunner
 from emulator.model.segments import EdgeModel
+from emulator.privacy.defence import DefenceSettings, add_noise, distance_correlation
 from protocol.accounting import Traffic
 from protocol.types import Phase
 
@@ -50,33 +52,24 @@ class RemoteMiddle:
 class LocalMiddle:
     """The middle blocks in this process: same interface, no network (reference path).
 
-    The middle runs in its own parameters' dtype (e.g. a bf16 emulator); hidden states and gradients
-    are cast in and come back in fp32, as they would from the cloud.
+    The middle runs in its own parameters' dtype (e.g. a bf16 emulator) through the same
+    :class:`~emulator.model.runner.SegmentRunner` the cloud uses; hidden states and gradients are
+    cast in and come back in fp32, as they would from the cloud.
     """
 
     def __init__(self, middle: nn.Module) -> None:
         self.middle = middle
-        self.dtype = next(middle.parameters()).dtype
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.runner = SegmentRunner(middle)
+        self.dtype = self.runner.dtype
 
     def forward(self, step, hidden, train, traffic):
-        if not train:
-            with torch.no_grad():
-                return self.middle(hidden.to(self.dtype)).float(), 0.0
-        inputs = hidden.detach().to(self.dtype).requires_grad_(True)
-        out = self.middle(inputs)
-        self._pending = (inputs, out)
-        return out.detach().float(), 0.0
+        self.runner.release("local")  # a forward replaces one left without its backward
+        out, _ = self.runner.forward("local", step, hidden, train)
+        return out, 0.0  # the edge's own compute, not the cloud's
 
     def backward(self, step, grad, traffic):
-        assert self._pending is not None, "backward without forward"
-        inputs, out = self._pending
-        self._pending = None
-        # .backward, not autograd.grad: the FLOP counter's module hooks do not support autograd.grad
-        # on a leaf. A frozen middle (requires_grad False) accumulates nothing but the input gradient.
-        out.backward(grad.to(out.dtype))
-        assert inputs.grad is not None
-        return inputs.grad.float(), 0.0
+        out, _ = self.runner.backward("local", step, grad)
+        return out, 0.0
 
 
 def completion_loss(model: EdgeModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -99,37 +92,65 @@ class StepOutput:
     compute_s: float
 
 
+NOPEEK_MAX_ROWS = 1024  # positions entering the dCor penalty (its cost is quadratic in them)
+
+
+def nopeek_penalty(model: EdgeModel, input_ids: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Distance correlation between the token embeddings and the bottom-cut states of a batch's
+    positions, ``(batch, seq)`` ids and ``(batch, seq, hidden)`` states (NoPeek's penalty)."""
+    with torch.no_grad():
+        embeds = model.bottom.embed_tokens(input_ids).flatten(0, 1)
+    states = lower.flatten(0, 1)
+    if len(states) > NOPEEK_MAX_ROWS:
+        keep = torch.linspace(0, len(states) - 1, NOPEEK_MAX_ROWS).long()
+        embeds, states = embeds[keep], states[keep]
+    return distance_correlation(embeds, states)
+
+
+def transmitted(hidden: torch.Tensor, defence: DefenceSettings | None) -> torch.Tensor:
+    """What crosses the wire at the bottom cut: the state, with the defence's noise if any."""
+    return add_noise(hidden, defence.noise) if defence is not None else hidden
+
+
 def split_step(model: EdgeModel, link: MiddleLink, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
-               traffic: Traffic) -> StepOutput:
+               traffic: Traffic, defence: DefenceSettings | None = None) -> StepOutput:
     """One training step's forward and backward (the caller steps the optimizer).
 
-    Two round trips: hidden up / hidden down, then gradient up / gradient down.
+    Two round trips: hidden up / hidden down, then gradient up / gradient down. With a defence the
+    state sent up is noised (the noise is additive, so the returned gradient applies unchanged) and
+    NoPeek's penalty joins the gradient of the edge's bottom blocks.
     """
     lower = model.bottom(input_ids)
-    upper, compute_up = link.forward(step, lower.detach(), True, traffic)
+    upper, compute_up = link.forward(step, transmitted(lower, defence).detach(), True, traffic)
     upper.requires_grad_(True)
     loss = completion_loss(model, upper, labels)
     loss.backward()
     assert upper.grad is not None
     grad_lower, compute_down = link.backward(step, upper.grad, traffic)
-    lower.backward(grad_lower)
+    if defence is not None and defence.nopeek > 0:
+        penalty = defence.nopeek * nopeek_penalty(model, input_ids, lower)
+        torch.autograd.backward([lower, penalty], [grad_lower, torch.ones_like(penalty)])
+    else:
+        lower.backward(grad_lower)
     return StepOutput(loss.item(), compute_up + compute_down)
 
 
 @torch.no_grad()
-def split_logits(model: EdgeModel, link: MiddleLink, input_ids: torch.Tensor, traffic: Traffic) -> torch.Tensor:
+def split_logits(model: EdgeModel, link: MiddleLink, input_ids: torch.Tensor, traffic: Traffic,
+                 defence: DefenceSettings | None = None) -> torch.Tensor:
     """Full ``(batch, seq, vocab)`` logits by split inference."""
-    upper, _ = link.forward(0, model.bottom(input_ids), False, traffic)
+    upper, _ = link.forward(0, transmitted(model.bottom(input_ids), defence), False, traffic)
     return model.top(upper)
 
 
 @torch.no_grad()
 def score_examples(model: EdgeModel, link: MiddleLink, examples: list[EvalExample], pad_id: int,
-                   traffic: Traffic) -> list[int]:
-    """Predicted choice per example by split inference (see :mod:`emulator.data.scoring`)."""
+                   traffic: Traffic, defence: DefenceSettings | None = None) -> list[int]:
+    """Predicted choice per example by split inference (see :mod:`emulator.data.scoring`); a
+    defence's noise applies to inference too, since the state crosses the wire then as well."""
 
     def features(ids: torch.Tensor) -> torch.Tensor:
-        upper, _ = link.forward(0, model.bottom(ids), False, traffic)
+        upper, _ = link.forward(0, transmitted(model.bottom(ids), defence), False, traffic)
         return model.top.features(upper)
 
     return predict(examples, features, model.top.lm_head, pad_id)

@@ -5,9 +5,10 @@ blocks. :func:`plan_remote_sites` lists those sites (the target projections of t
 grouped by the tensor they read: LLaMA's ``q_proj``/``v_proj`` both read the normed hidden state,
 so one block's attention sites form one group and cost one exchange per direction per step.
 
-:func:`attach_remote_sites` is pure surgery: it returns a new :class:`BlockStack` (sharing the frozen
-weights, copying only the touched blocks' module structure) whose active sites compute
-``base(x) + delta`` where ``delta`` comes from a :class:`SiteExchange`, forward and backward:
+:func:`install_site_taps` wraps each site's projection once in a :class:`SiteTap` (sharing the frozen
+weights); a forward run inside :meth:`RemoteSiteCalls.routed` makes its active sites compute
+``base(x) + delta`` where ``delta`` comes from a :class:`SiteExchange`, forward and backward, while
+any other forward through the same blocks computes ``base(x)``:
 
 * forward: ``exchange.forward(group, x)`` -> the group's LoRA outputs, ``(batch, seq, sum(out))``;
 * backward: ``exchange.backward(group, grad_delta)`` -> the gradient w.r.t. ``x`` through the LoRA
@@ -16,9 +17,12 @@ weights, copying only the touched blocks' module structure) whose active sites c
 
 from __future__ import annotations
 
-import copy
 import itertools
-from collections.abc import Collection, Sequence
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -180,45 +184,114 @@ class GroupCall:
         return out
 
 
-class RemoteLoraLinear(nn.Module):
-    """A frozen projection plus the LoRA output of its site, computed through a :class:`GroupCall`."""
+# The routes of the forward running in this thread: (block, path in block) -> (group call, output slice).
+_ROUTES: ContextVar[dict[tuple[int, str], tuple[GroupCall, slice]] | None] = ContextVar("_ROUTES", default=None)
 
-    def __init__(self, base: nn.Module, call: GroupCall, slot: slice) -> None:
+
+_INSTALL_LOCK = threading.Lock()
+
+
+class SiteTap(nn.Module):
+    """A frozen projection whose site, when the running forward routes it, adds a remote LoRA output.
+
+    Outside a :meth:`RemoteSiteCalls.routed` context (split sessions, sites not active this step)
+    it computes exactly ``base(x)``.
+    """
+
+    def __init__(self, base: nn.Module, block: int, path: str) -> None:
         super().__init__()
         self.base = base
-        self.call = call
-        self.slot = slot
+        self.key = (block, path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.call.delta(x, self.slot)
+        routes = _ROUTES.get()
+        route = routes.get(self.key) if routes else None
+        if route is None:
+            return self.base(x)
+        call, slot = route
+        return self.base(x) + call.delta(x, slot)
 
 
-def attach_remote_sites(stack: BlockStack, groups: Sequence[SiteGroup], active: Collection[int],
-                        exchange: SiteExchange) -> BlockStack:
-    """A new stack computing ``stack`` plus the remote LoRA output of every active site.
+def install_site_taps(stack: BlockStack, groups: Sequence[SiteGroup]) -> int:
+    """Puts a :class:`SiteTap` around every site projection of ``groups`` in ``stack``, once.
 
-    Args:
-        stack: the cloud's frozen middle blocks; not modified, its weights are shared.
-        groups: from :func:`plan_remote_sites`.
-        active: indices of the sites computed now; a site not in it contributes nothing and costs
-            no exchange, and a group without active sites is not touched at all.
-        exchange: where the LoRA branches run.
+    The taps share the frozen weights and change no output until a forward routes them, so one
+    stack serves every session: no per-step copy. Idempotent; returns how many taps it added.
     """
-    live = [g for g in (group.restrict(active) for group in groups) if g.sites]
-    touched = {str(g.block) for g in live}
-    memo: dict[int, object] = {id(t): t for t in itertools.chain(stack.parameters(), stack.buffers())}
-    memo.update({id(block): block for name, block in stack.layers.items() if name not in touched})
-    new = copy.deepcopy(stack, memo)
-    for group in live:
-        call, start = GroupCall(group, exchange), 0
-        block = new.layers[str(group.block)]
+    with _INSTALL_LOCK:  # two sessions opening at once must not wrap one projection twice
+        return _install(stack, groups)
+
+
+def _install(stack: BlockStack, groups: Sequence[SiteGroup]) -> int:
+    added = 0
+    for group in groups:
+        block = stack.layers[str(group.block)]
         for site in group.sites:
             parent_path, _, leaf = site.path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
-            slot = slice(start, start + site.out_features)
-            setattr(parent, leaf, RemoteLoraLinear(getattr(parent, leaf), call, slot))
-            start = slot.stop
-    return new
+            if not isinstance(getattr(parent, leaf), SiteTap):
+                setattr(parent, leaf, SiteTap(getattr(parent, leaf), group.block, site.path))
+                added += 1
+    return added
+
+
+class _Timed:
+    """A :class:`SiteExchange` that adds the seconds spent in each call to its owner's ``waited_s``."""
+
+    def __init__(self, owner: RemoteSiteCalls) -> None:
+        self.owner = owner
+
+    def forward(self, group: SiteGroup, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.owner.exchange.forward(group, x)
+        finally:
+            self.owner.waited_s += time.perf_counter() - start
+
+    def backward(self, group: SiteGroup, grad: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.owner.exchange.backward(group, grad)
+        finally:
+            self.owner.waited_s += time.perf_counter() - start
+
+
+class RemoteSiteCalls:
+    """The remote sites of one forward (and its backward): which are active and where they run.
+
+    Passed to :meth:`emulator.model.runner.SegmentRunner.forward` as ``sites``.
+
+    Args:
+        groups: the session's site groups, from :func:`plan_remote_sites`.
+        active: indices of the sites computed now; a site not in it contributes nothing and costs
+            no exchange, and a group without active sites is not touched at all.
+        exchange: where the LoRA branches run (the edge); its backward is called from the graph.
+    """
+
+    def __init__(self, groups: Sequence[SiteGroup], active: Collection[int], exchange: SiteExchange) -> None:
+        self.groups = list(groups)
+        self.live = [g for g in (group.restrict(active) for group in groups) if g.sites]
+        self.exchange = exchange
+        self.waited_s = 0.0
+
+    def prepare(self, segment: nn.Module) -> None:
+        assert isinstance(segment, BlockStack)
+        install_site_taps(segment, self.groups)
+
+    @contextmanager
+    def routed(self) -> Iterator[None]:
+        timed: SiteExchange = _Timed(self)
+        routes = {}
+        for group in self.live:
+            call, start = GroupCall(group, timed), 0
+            for site in group.sites:
+                routes[(group.block, site.path)] = (call, slice(start, start + site.out_features))
+                start += site.out_features
+        token = _ROUTES.set(routes)
+        try:
+            yield
+        finally:
+            _ROUTES.reset(token)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ import torch
 from cloud.errors import FailedPrecondition, InvalidArgument, NotFound
 from cloud.rpc.handlers import Coordinator
 from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol.tensors import TensorAssembler, tensor_chunks
 from protocol.types import EdgeMessage, OpenSessionRequest, Phase
 
@@ -35,9 +36,9 @@ def test_forward_backward_round(coordinator):
     replies = run(coordinator, "alice", messages(sid, 1, Phase.FORWARD_TRAIN, h, chunk_bytes=100)
                   + messages(sid, 1, Phase.BACKWARD, torch.ones(2, 5, 32)))
     assert [p for p, _ in replies] == [Phase.ACTIVATION, Phase.GRADIENT]
-    runner = coordinator.backend(2).runner
+    middle = extract_middle(coordinator.model, plan_for(coordinator.model.config, 2))
     x = h.clone().requires_grad_(True)
-    expected_out = runner.segment(x)
+    expected_out = middle(x)
     (expected_grad,) = torch.autograd.grad(expected_out, x, torch.ones_like(expected_out))
     torch.testing.assert_close(replies[0][1], expected_out.detach())
     torch.testing.assert_close(replies[1][1], expected_grad)
