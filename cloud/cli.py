@@ -121,6 +121,12 @@ def _emulator_parsers(sub) -> None:
     b.add_argument("--distill-seq-len", type=int, default=d.seq_len)
     b.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="w of the hidden-state term")
     b.add_argument("--distill-warmup", type=int, default=d.warmup_steps)
+    b.add_argument("--selection", default="uniform", choices=["uniform", "importance", "crash"],
+                   help="which middle blocks to keep: evenly spaced; the most important (drop-one LM loss on "
+                        "--distill-data); or CRaSh (one per cluster of similar blocks, repeated to the middle's depth)")
+    b.add_argument("--bridge-rank", type=int, default=0,
+                   help="rank of a trained low-rank bridge in place of each run of dropped blocks (0: none; "
+                        "needs --distill-steps)")
     b.add_argument("--sparsity", type=float, default=0.0, help="magnitude pruning fraction after distillation")
     b.add_argument("--bits", type=int, default=0, help="simulated weight quantization bits (0: off)")
     b.add_argument("--seed", type=int, default=0)
@@ -136,14 +142,16 @@ def _build_emulator(args: argparse.Namespace) -> None:
                                   batch_size=args.distill_batch, seq_len=args.distill_seq_len,
                                   hidden_weight=args.hidden_weight, warmup_steps=args.distill_warmup, seed=args.seed)
     spec = EmulatorSpec(args.edge_layers, args.emulator_layers, args.sparsity, args.bits, distill,
-                        args.distill_data or "speeches")
+                        args.distill_data or "speeches", args.selection, args.bridge_rank)
     stored = build_recipe(BuildConfig(args.model, args.store, spec, args.threads))
     kd = ""
     if stored.distilled:
         kd = (f"; held-out KD loss {stored.meta['kd_before']['total']:.3f} -> {stored.meta['kd_after']['total']:.3f}"
               f" (CE {stored.meta['kd_before']['ce']:.3f} -> {stored.meta['kd_after']['ce']:.3f})")
     print(f"emulator {stored.key}: blocks {stored.blocks} of middle {stored.meta['middle_blocks'][0]}.."
-          f"{stored.meta['middle_blocks'][-1]}, distilled={stored.distilled}{kd}; stored in {stored.directory}")
+          f"{stored.meta['middle_blocks'][-1]} ({stored.meta['selection']}), "
+          f"{stored.meta['unique_share']:.1%} of the middle's unique parameters, "
+          f"distilled={stored.distilled}{kd}; stored in {stored.directory}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

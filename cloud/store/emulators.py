@@ -21,18 +21,38 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from emulator.model.segments import BlockStack, extract_blocks, plan_for, split_causal_lm
+from emulator.model.arch import hidden_size
+from emulator.model.segments import BlockStack, SplitModel, plan_for, split_causal_lm
 from emulator.offsite.compress import layer_drop, prune_magnitude, quantize_weights
 from emulator.offsite.corpus import BUILTIN_SOURCES, held_out_split, load_texts, token_chunks
 from emulator.offsite.distill import DistillSettings, distill, evaluate_kd
+from emulator.offsite.select import (
+    SELECTIONS,
+    bridged_emulator,
+    cka_matrix,
+    contiguous_clusters,
+    drop_one_importance,
+    representatives,
+    selection_chunks,
+    shared_emulator,
+    top_positions,
+)
+from emulator.offsite.stack import emulator_modules, unique_parameters
 
 WEIGHTS, META = "emulator.safetensors", "emulator.json"
 HELD_OUT_CHUNKS = 32  # distillation loss is reported on this many held-out chunks
+SELECT_CHUNKS = 16  # corpus chunks that measure block importance / similarity (16 x 64 tokens)
 
 
 @dataclass(frozen=True)
 class EmulatorSpec:
-    """How to build one emulator. ``distill=None``: layer drop only."""
+    """How to build one emulator. ``distill=None``: no distillation.
+
+    ``selection`` picks the kept blocks (see :mod:`emulator.offsite.select`): ``uniform`` spacing,
+    ``importance`` (drop-one LM loss on ``distill_data``) or ``crash`` (one block per cluster of similar
+    blocks, repeated to the middle's depth). ``bridge_rank > 0`` puts a trained low-rank bridge in place of
+    each run of dropped blocks (uniform or importance; it needs distillation to be trained).
+    """
 
     edge_layers: int
     emulator_layers: int
@@ -40,14 +60,28 @@ class EmulatorSpec:
     bits: int = 0  # 0: no quantization
     distill: DistillSettings | None = None
     distill_data: str = "speeches"
+    selection: str = "uniform"
+    bridge_rank: int = 0
+
+    @property
+    def uses_corpus(self) -> bool:
+        return self.distill is not None or self.selection != "uniform"
 
     def problems(self) -> list[str]:
         out = [] if self.distill is None else self.distill.problems()
+        if self.selection not in SELECTIONS:
+            out.append(f"--selection {self.selection}: choose one of {', '.join(SELECTIONS)}")
+        if self.bridge_rank < 0:
+            out.append(f"--bridge-rank {self.bridge_rank}: must be 0 (no bridges) or more")
+        if self.bridge_rank and self.selection == "crash":
+            out.append("--bridge-rank: CRaSh repeats kept blocks instead of bridging; use 0 with --selection crash")
+        if self.bridge_rank and self.distill is None:
+            out.append("--bridge-rank: bridges are trained by distillation; also give --distill-steps")
         if not 0.0 <= self.sparsity < 1.0:
             out.append(f"--sparsity {self.sparsity}: must be in [0, 1)")
         if self.bits and not 2 <= self.bits <= 8:
             out.append(f"--bits {self.bits}: choose 2..8, or 0 for no quantization")
-        if self.distill is not None and self.distill_data not in BUILTIN_SOURCES and not Path(
+        if self.uses_corpus and self.distill_data not in BUILTIN_SOURCES and not Path(
                 self.distill_data).is_file():
             out.append(f"--distill-data {self.distill_data}: no such file (or use {', '.join(BUILTIN_SOURCES)})")
         return out
@@ -69,13 +103,14 @@ class StoredEmulator:
 
     def load(self, model: PreTrainedModel) -> BlockStack:
         """The emulator as modules (structure copied from ``model``'s blocks, weights from the store)."""
-        stack = extract_blocks(model, self.blocks)
+        stack = emulator_modules(model, self.meta)
         stack.load_state_dict(load_file(str(self.directory / WEIGHTS)))
         return stack.float().eval().requires_grad_(False)
 
     def public_meta(self) -> dict:
         """What the edge may learn about its emulator (goes into the bundle's ``split.json``)."""
-        keys = ("key", "distilled", "sparsity", "bits", "kd_before", "kd_after")
+        keys = ("key", "distilled", "sparsity", "bits", "kd_before", "kd_after", "selection", "order", "bridge_rank",
+                "unique_share")
         return {k: self.meta[k] for k in keys if k in self.meta}
 
 
@@ -96,9 +131,9 @@ def model_fingerprint(model_dir: Path) -> str:
 def emulator_key(fingerprint: str, spec: EmulatorSpec) -> str:
     """The cache key of an emulator: model content + every setting (+ the distillation file's content)."""
     settings = asdict(spec)
-    if spec.distill is not None and spec.distill_data not in BUILTIN_SOURCES:
+    if spec.uses_corpus and spec.distill_data not in BUILTIN_SOURCES:
         settings["distill_data"] = hashlib.sha256(Path(spec.distill_data).read_bytes()).hexdigest()
-    if spec.distill is None:
+    if not spec.uses_corpus:
         settings.pop("distill_data")
     blob = json.dumps({"model": fingerprint, **settings}, sort_keys=True)
     return "em-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -141,6 +176,7 @@ class EmulatorStore:
                     built=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         self._write(key, student, meta)
         shutil.rmtree(self.root / f"{key}.partial", ignore_errors=True)
+        (self.root / f"{key}.partial.select.json").unlink(missing_ok=True)
         return self.get(key)  # type: ignore[return-value]
 
     def _write(self, key: str, student: BlockStack, meta: dict) -> None:
@@ -158,25 +194,38 @@ class EmulatorStore:
 
 def build_emulator(model: PreTrainedModel, spec: EmulatorSpec, tokenizer: PreTrainedTokenizerBase | None,
                    checkpoint: Path, progress: bool = True) -> tuple[BlockStack, dict]:
-    """Layer drop, optional distillation, then optional pruning and quantization.
+    """Block selection, optional distillation, then optional pruning and quantization.
+
+    ``checkpoint`` is the distillation's resume directory; the selection's measurements are kept
+    beside it (``<checkpoint>.select.json``), so a resumed build does not measure again.
 
     Returns:
-        The emulator and its metadata (kept blocks, settings, held-out KD losses before/after).
+        The emulator and its metadata (kept blocks, run order, settings, unique-parameter share,
+        held-out KD losses before/after).
     """
     plan = plan_for(model.config, spec.edge_layers)  # raises SplitError for a bad K
     split = split_causal_lm(model, spec.edge_layers)
-    student = layer_drop(split.middle, spec.emulator_layers)  # raises EmulatorError for a bad E
-    meta: dict = {"edge_layers": spec.edge_layers, "emulator_layers": spec.emulator_layers, "blocks": student.indices,
-                  "middle_blocks": plan.middle, "sparsity": spec.sparsity, "bits": spec.bits,
-                  "distilled": spec.distill is not None,
-                  "distill": asdict(spec.distill) if spec.distill else None,
-                  "distill_data": spec.distill_data if spec.distill else None}
-    if spec.distill is not None:
+    train = held = None
+    if spec.uses_corpus:
         if tokenizer is None:
-            raise ValueError("distillation needs the model's tokenizer")
-        texts = load_texts(spec.distill_data, model, tokenizer, seed=spec.distill.seed)
-        train, held = held_out_split(token_chunks(texts, tokenizer, spec.distill.seq_len))
+            raise ValueError("block selection and distillation need the model's tokenizer")
+        seq_len = spec.distill.seq_len if spec.distill is not None else DistillSettings.seq_len
+        seed = spec.distill.seed if spec.distill is not None else 0
+        texts = load_texts(spec.distill_data, model, tokenizer, seed=seed)
+        train, held = held_out_split(token_chunks(texts, tokenizer, seq_len))
         held = held[:HELD_OUT_CHUNKS]
+    student, meta = _select(split, spec, train, checkpoint.with_name(checkpoint.name + ".select.json"),
+                            hidden_size(model.config))
+    meta.update({"edge_layers": spec.edge_layers, "emulator_layers": spec.emulator_layers, "blocks": student.indices,
+                 "middle_blocks": plan.middle, "sparsity": spec.sparsity, "bits": spec.bits,
+                 "selection": spec.selection, "bridge_rank": spec.bridge_rank,
+                 "order": list(getattr(student, "order", [])) or None,
+                 "unique_share": unique_parameters(student) / unique_parameters(split.middle),
+                 "distilled": spec.distill is not None,
+                 "distill": asdict(spec.distill) if spec.distill else None,
+                 "distill_data": spec.distill_data if spec.uses_corpus else None})
+    if spec.distill is not None:
+        assert train is not None and held is not None
         weight = spec.distill.hidden_weight
         meta["kd_before"] = asdict(evaluate_kd(split.edge, split.middle, student, held, weight))
         result = distill(split.edge, split.middle, student, train, spec.distill, checkpoint, progress=progress)
@@ -189,6 +238,33 @@ def build_emulator(model: PreTrainedModel, spec: EmulatorSpec, tokenizer: PreTra
     if spec.bits:
         student = quantize_weights(student, spec.bits)
     return student, meta
+
+
+def _select(split: SplitModel, spec: EmulatorSpec, train: torch.Tensor | None, cache: Path,
+            hidden: int) -> tuple[BlockStack, dict]:
+    """The undistilled emulator of ``spec.selection`` and what was measured to choose it (cached in ``cache``)."""
+    if spec.selection == "uniform":
+        student = layer_drop(split.middle, spec.emulator_layers)  # raises EmulatorError for a bad E
+        if spec.bridge_rank:
+            positions = [split.middle.indices.index(i) for i in student.indices]
+            student = bridged_emulator(split.middle, positions, hidden, spec.bridge_rank)
+        return student, {}
+    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+    if spec.selection not in measured:
+        assert train is not None, "selection needs the corpus"
+        chunks = selection_chunks(train, SELECT_CHUNKS)
+        measure = drop_one_importance if spec.selection == "importance" else cka_matrix
+        measured[spec.selection] = measure(split.edge, split.middle, chunks)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(measured))
+    if spec.selection == "importance":
+        importance = measured["importance"]
+        positions = top_positions(importance, spec.emulator_layers)
+        return bridged_emulator(split.middle, positions, hidden, spec.bridge_rank), {"importance": importance}
+    sim = measured["crash"]
+    clusters = contiguous_clusters(sim, spec.emulator_layers)
+    reps = representatives(sim, clusters)
+    return shared_emulator(split.middle, clusters, reps), {"clusters": clusters, "cka": sim}
 
 
 def default_emulator_layers(n_middle: int) -> int:

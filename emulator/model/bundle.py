@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from emulator.model.segments import BlockStack, EdgeModel, SplitPlan, extract_blocks, extract_edge, plan_for
+from emulator.model.segments import BlockStack, EdgeModel, SplitPlan, extract_edge, plan_for
+from emulator.offsite.stack import emulator_modules
 
 WEIGHTS = "edge.safetensors"
 EMULATOR_WEIGHTS = "emulator.safetensors"
@@ -141,8 +142,7 @@ def load_emulator(directory: Path) -> BlockStack:
     _, meta = read_plan(directory)
     if "emulator" not in meta or not (directory / EMULATOR_WEIGHTS).is_file():
         raise ValueError(f"{directory}: not an offsite bundle (no {EMULATOR_WEIGHTS})")
-    return _fill(extract_blocks(_skeleton(directory), list(meta["emulator"]["blocks"])),
-                 directory / EMULATOR_WEIGHTS)
+    return _fill(emulator_modules(_skeleton(directory), meta["emulator"]), directory / EMULATOR_WEIGHTS)
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
