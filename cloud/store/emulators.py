@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from emulator.offsite.select import (
     top_positions,
 )
 from emulator.offsite.stack import emulator_modules, unique_parameters
+from protocol.fileio import publish_directory
 
 WEIGHTS, META = "emulator.safetensors", "emulator.json"
 HELD_OUT_CHUNKS = 32  # distillation loss is reported on this many held-out chunks
@@ -180,16 +179,13 @@ class EmulatorStore:
         return self.get(key)  # type: ignore[return-value]
 
     def _write(self, key: str, student: BlockStack, meta: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
-        try:
+        def fill(tmp: Path) -> Path:
             save_file({k: v.detach().float().contiguous() for k, v in student.state_dict().items()},
                       str(tmp / WEIGHTS))
             (tmp / META).write_text(json.dumps(meta, indent=2))
-            if not (self.root / key).exists():
-                os.replace(tmp, self.root / key)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            return self.root / key
+
+        publish_directory(self.root, fill)
 
 
 def build_emulator(model: PreTrainedModel, spec: EmulatorSpec, tokenizer: PreTrainedTokenizerBase | None,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import queue
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from protocol import edgetune_pb2_grpc as pb_grpc
 from protocol import serde
 from protocol.accounting import Traffic
 from protocol.channel import with_retry
+from protocol.fileio import publish_directory
 from protocol.tensors import TensorAssembler, file_chunks, receive_files, tensor_chunks
 from protocol.types import (
     AdapterMeta,
@@ -77,18 +76,16 @@ class CloudClient:
         target = cache_root() / "bundles" / info.model.bundle_id
         if target.is_dir() and (target / "split.json").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=_mkdir(target.parent)))
-        try:
+
+        def fill(tmp: Path) -> Path:
             def fetch() -> list[str]:
                 request = pb.FetchBundleRequest(bundle_id=info.model.bundle_id)
                 self.setup.sent(request.ByteSize(), 0)
                 return receive_files(self._count(self.stub.FetchBundle(request), self.setup), tmp)
             _call("FetchBundle", fetch)
-            if not target.exists():
-                tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+            return target
+
+        return publish_directory(target.parent, fill)
 
     def register_adapter(self, directory: Path, meta: AdapterMeta, traffic: Traffic | None = None) -> AdapterMeta:
         """Uploads an adapter directory; ``traffic`` (if given) counts the upload and the reply."""
@@ -206,8 +203,4 @@ class TrainStream:
         except grpc.RpcError:
             pass
 
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from emulator.model.segments import BlockStack, EdgeModel, SplitPlan, extract_edge, plan_for
 from emulator.offsite.stack import emulator_modules
+from protocol.fileio import publish_directory
 
 WEIGHTS = "edge.safetensors"
 EMULATOR_WEIGHTS = "emulator.safetensors"
@@ -70,8 +69,7 @@ def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root:
     """
     dtype = _storage_dtype(model_dir)
     edge = extract_edge(model, plan)
-    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=_mkdir(root)))
-    try:
+    def fill(tmp: Path) -> Path:
         tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in edge_tensors(edge).items()}
         tensors, aliases = _dedupe(tensors)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS))
@@ -86,12 +84,9 @@ def write_bundle(model: PreTrainedModel, model_dir: Path, plan: SplitPlan, root:
             _save_tensors(emulator, dtype, tmp / EMULATOR_WEIGHTS)
             plan_json["emulator"] = {**(emulator_meta or {}), "blocks": emulator.indices}
         (tmp / PLAN).write_text(json.dumps(plan_json, indent=2))
-        target = root / bundle_id(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return root / bundle_id(tmp)
+
+    return publish_directory(root, fill)
 
 
 def read_plan(directory: Path) -> tuple[SplitPlan, dict]:
@@ -168,7 +163,3 @@ def _storage_dtype(model_dir: Path) -> torch.dtype:
     dtype = getattr(torch, name, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from protocol.fileio import publish_directory
 
 
 class ModelNotFoundError(ValueError):
@@ -120,14 +120,10 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
         del model.config.quantization_config
     setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed non-optional upstream
     model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers wraps .to with a narrower stub
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process won the race; keep its copy
-            return
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return target  # another process that won the race keeps its copy
+
+    publish_directory(target.parent, fill)

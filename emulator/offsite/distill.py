@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from emulator.model.segments import BlockStack, EdgeModel
 from emulator.offsite.corpus import chunk_batch
+from protocol.fileio import recover_directory, replace_directory
 
 _STUDENT, _OPTIMIZER, _STATE = "student.safetensors", "optimizer.pt", "state.json"
 
@@ -163,20 +163,22 @@ def _warmup_cosine(settings: DistillSettings) -> Callable[[int], float]:
 
 def _save(directory: Path, settings: DistillSettings, step: int, student: BlockStack,
           optimizer: torch.optim.Optimizer, scheduler, history: list[dict]) -> None:
-    """Writes a checkpoint atomically (a fresh directory renamed over the old one)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp / _STUDENT))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / _OPTIMIZER)
-    (tmp / _STATE).write_text(json.dumps({"step": step, "settings": asdict(settings), "history": history}))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    """Writes a checkpoint crash-safely: the new one is complete before the old one is renamed aside
+    (:func:`protocol.fileio.replace_directory`), so a crash never leaves no checkpoint."""
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp / _STUDENT))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / _OPTIMIZER)
+        (tmp / _STATE).write_text(json.dumps({"step": step, "settings": asdict(settings), "history": history}))
+
+    replace_directory(directory, fill)
 
 
 def _resume(directory: Path | None, settings: DistillSettings, student: BlockStack,
             optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list[dict]]:
     """Loads the checkpoint in ``directory`` if it was written with the same settings."""
+    if directory is not None:
+        recover_directory(directory)  # a crash between the two renames of _save
     if directory is None or not (directory / _STATE).is_file():
         return 0, []
     state = json.loads((directory / _STATE).read_text())

@@ -93,3 +93,54 @@ def test_sampled_and_file_corpora(tmp_path):
         file_texts(tmp_path / "bad.jsonl")
     with pytest.raises(CorpusError, match="fewer than one"):
         token_chunks(["short"], tiny_tokenizer(), 64)
+
+
+_KILLED_MID_SAVE = r"""
+import os, sys
+import torch
+from emulator.model.segments import split_causal_lm
+from emulator.offsite.compress import layer_drop
+from emulator.offsite.corpus import speech_texts, token_chunks
+from emulator.offsite.distill import DistillSettings, distill
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+ckpt = sys.argv[1]
+real_rename = os.rename
+
+def rename(src, dst, *args, **kwargs):
+    # The kill: the step-4 checkpoint is complete, the step-2 one is out of the way, and the process
+    # dies before the new one is renamed in.
+    if os.fspath(dst) == ckpt and os.path.exists(os.path.join(ckpt + ".new", "state.json")) and \
+            '"step": 4' in open(os.path.join(ckpt + ".new", "state.json")).read():
+        os._exit(17)
+    return real_rename(src, dst, *args, **kwargs)
+
+os.rename = rename
+split = split_causal_lm(tiny_model("llama", layers=8), 1)
+chunks = token_chunks(speech_texts()[:120], tiny_tokenizer(), 24)
+settings = DistillSettings(steps=6, lr=1e-3, batch_size=4, seq_len=24, warmup_steps=2)
+distill(split.edge, split.middle, layer_drop(split.middle, 2), chunks, settings, __import__("pathlib").Path(ckpt),
+        checkpoint_every=2, progress=False)
+"""
+
+
+def test_a_process_killed_between_the_checkpoint_renames_resumes_from_a_checkpoint(split, chunks, tmp_path):
+    """The process dies after the old checkpoint is moved aside and before the new one is renamed in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt = tmp_path / "ckpt"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(ckpt)], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 17, done.stderr[-2000:]  # it really died mid-save
+    assert not ckpt.exists()  # ... between the two renames
+    student = layer_drop(split.middle, 2)
+    settings = DistillSettings(steps=6, lr=1e-3, batch_size=4, seq_len=24, warmup_steps=2)
+    resumed = distill(split.edge, split.middle, student, chunks, settings, ckpt, checkpoint_every=2,
+                      progress=False)
+    assert resumed.start_step == 4  # the complete step-4 checkpoint was rolled forward, nothing was lost
+    straight = distill(split.edge, split.middle, student, chunks, settings, progress=False)
+    for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
