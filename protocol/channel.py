@@ -7,7 +7,9 @@ environment. Retries use capped, jittered exponential backoff on UNAVAILABLE and
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -79,11 +81,46 @@ def create_server(pki_dir: Path, listen: str, max_workers: int = 16) -> tuple[gr
     tls = server_tls(pki_dir)
     creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
                                         require_client_auth=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
-    port = server.add_secure_port(listen, creds)
+    # gRPC sets SO_REUSEPORT by default, so a second coordinator on a busy port would silently take
+    # half of its connections; a coordinator must own its port.
+    options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    probe_bind(listen)  # a clear message before gRPC core logs its own
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError:  # gRPC's "Failed to bind": the port is taken or the address is not ours
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {listen}; is the address valid and the port free?")
+        raise OSError(f"--listen {listen}: cannot listen there: another process holds the port, or the host is "
+                      "not an address of this machine; pick a free port (HOST:0 picks one)")
     return server, port
+
+
+def probe_bind(listen: str) -> None:
+    """Binds ``HOST:PORT`` once with a plain socket (``SO_REUSEADDR`` like gRPC, never ``SO_REUSEPORT``).
+
+    Raises:
+        OSError: one line naming ``--listen`` and the fix: the port is held by another process, or the
+            host is not an address of this machine.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return  # port 0 always binds; anything else unparsable is gRPC's to reject
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise OSError(f"--listen {listen}: host {host!r} does not resolve; give an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            reason = ("another process already listens on this port" if err.errno == errno.EADDRINUSE
+                      else f"{err.strerror.lower() if err.strerror else err}")
+            raise OSError(f"--listen {listen}: {reason}; pick a free port (HOST:0 picks one) or stop the other "
+                          "process") from None
 
 
 @contextmanager

@@ -84,6 +84,8 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Runs the coordinator until SIGTERM/SIGINT (or ``stop`` is set)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Bind first: a port held by another process is refused before seconds of model loading.
+    server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     model_dir = resolve_model(cfg.model)
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
     coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits,
@@ -92,7 +94,6 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     if coordinator.job is not None:
         print(f"federated job {coordinator.job.job_id}: {cfg.rounds} rounds, {cfg.clients_per_round} clients "
               f"per round, {cfg.local_steps} local steps, deadline {cfg.round_deadline_s:g} s", flush=True)
-    server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     add_to_server(coordinator, Authenticator(RevocationList(cfg.pki)), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
