@@ -81,3 +81,38 @@ def test_sessions_survive_a_restart_for_their_owner_only(tiny_dirs, tmp_path):
         run(restarted, "bob", messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(1, 3, 32)))
     replies = run(restarted, "alice", messages(sid, 1, Phase.FORWARD_EVAL, torch.randn(1, 3, 32)))
     assert [p for p, _ in replies] == [Phase.ACTIVATION]
+
+
+def test_an_idle_session_is_evicted_and_its_graph_freed(tiny_dirs, tmp_path):
+    """An edge that dies between forward and backward, its stream left open, does not pin the graph."""
+    import gc
+    import time
+    import weakref
+
+    from cloud.rpc.handlers import Limits
+
+    model = load_causal_lm(tiny_dirs["llama"])
+    coordinator = Coordinator("tiny", tiny_dirs["llama"], model, tmp_path, 2, Limits(idle_timeout_s=0.3))
+    coordinator.sessions.stop_reaper()  # evicted by hand below, at a known time
+    sid = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+    stream = coordinator.train("alice", iter(messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(2, 5, 32))))
+    assert next(stream).phase is Phase.ACTIVATION  # the forward ran; the stream stays open, no backward
+    runner = coordinator.backend(2).runner
+    graph = weakref.ref(runner._pending[(sid, 1)].outputs)  # type: ignore[attr-defined]
+    assert coordinator.sessions.evict_idle() == []  # not idle yet
+    time.sleep(0.5)
+    assert coordinator.sessions.evict_idle() == [sid]
+    gc.collect()
+    assert graph() is None and coordinator.sessions.find(sid) is None
+    assert coordinator.session("alice", sid).pending_step is None  # an edge coming back reopens it, empty
+    stream.close()
+
+
+def test_session_stats_record_the_runners_compute_seconds(coordinator):
+    sid = coordinator.open_session("alice", OpenSessionRequest("split")).session_id
+    replies = list(coordinator.train("alice", messages(sid, 1, Phase.FORWARD_TRAIN, torch.randn(2, 5, 32))
+                                     + messages(sid, 1, Phase.BACKWARD, torch.ones(2, 5, 32))))
+    session = coordinator.sessions.find(sid)
+    assert session is not None and session.steps == 1
+    sent = sum(r.compute_s for r in replies)
+    assert session.compute_s > 0 and session.compute_s == pytest.approx(sent)  # what the edge is told
