@@ -4,7 +4,9 @@ Every read takes the owner; an adapter that belongs to someone else is reported 
 so a client cannot even learn that another client's adapter exists. An adapter can be granted to
 further identities (federated global adapters are granted to every participant of their job).
 Files are sealed with the store's key (:mod:`cloud.store.vault`) and written atomically before the index
-row is committed; a directory without a row (a crash in between) is removed at start-up.
+row is committed; a directory without a row (a crash in between) is removed at start-up once it is
+older than :data:`ORPHAN_AGE_S`, so a second coordinator sharing the store never deletes an upload
+that another one is still writing (its row follows its files within seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from protocol.types import AdapterMeta
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ALLOWED_FILES = frozenset(f for files in FORMAT_FILES.values() for f in files)  # PEFT LoRA or a block delta
+ORPHAN_AGE_S = 3600.0  # a directory without a row this long after its last write was left by a crash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -53,7 +57,7 @@ _VISIBLE = "(owner = ? OR adapter_id IN (SELECT adapter_id FROM grants WHERE ide
 class AdapterRegistry:
     """Adapters by owner, stored under ``store/adapters/<id>/`` and indexed in ``store/registry.sqlite``."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, orphan_age_s: float = ORPHAN_AGE_S) -> None:
         self.root = store / "adapters"
         self.root.mkdir(parents=True, exist_ok=True)
         self.vault = Vault(store)
@@ -62,7 +66,7 @@ class AdapterRegistry:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        self._remove_orphans()
+        self._remove_orphans(orphan_age_s)
 
     def add(self, owner: str, meta: AdapterMeta, staged: Path) -> AdapterMeta:
         """Validates the staged adapter files and registers them under a new id for ``owner``."""
@@ -121,10 +125,12 @@ class AdapterRegistry:
             raise NotFound(f"no adapter {adapter_id!r} in this store")
         return str(row[0])
 
-    def _remove_orphans(self) -> None:
+    def _remove_orphans(self, max_age_s: float) -> None:
+        """Removes adapter directories without a row whose newest write is older than ``max_age_s``."""
+        now = time.time()
         known = {row[0] for row in self._db.execute("SELECT adapter_id FROM adapters")}
         for directory in self.root.iterdir():
-            if directory.name not in known:
+            if directory.name not in known and now - _last_write(directory) > max_age_s:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def grant(self, adapter_id: str, identity: str) -> None:
@@ -170,6 +176,14 @@ def _validate_adapter_dir(directory: Path) -> None:
         raise InvalidArgument("adapter_config.json must describe a LORA adapter with weights")
     if any("lora_" not in k for k in keys):
         raise InvalidArgument("adapter weights may only contain LoRA tensors")
+
+
+def _last_write(directory: Path) -> float:
+    """The newest modification time of ``directory`` and its files (0 when it vanished meanwhile)."""
+    try:
+        return max([directory.stat().st_mtime, *(p.stat().st_mtime for p in directory.iterdir())])
+    except FileNotFoundError:
+        return 0.0
 
 
 def _meta(row: tuple) -> AdapterMeta:

@@ -1,12 +1,14 @@
 import json
+import os
 import sqlite3
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from cloud.errors import InvalidArgument, NotFound
-from cloud.store.registry import AdapterRegistry
+from cloud.store.registry import ORPHAN_AGE_S, AdapterRegistry
 from cloud.store.vault import CorruptArtifactError, Vault
 from protocol.fileio import atomic_write
 from protocol.types import AdapterMeta
@@ -82,9 +84,24 @@ def test_crash_between_files_and_index_leaves_old_state(tmp_path):
     with pytest.raises(sqlite3.ProgrammingError):
         reg.add("alice", AdapterMeta(mode="split", base_model="m"), staged(tmp_path, "b"))
     assert len(list((store / "adapters").iterdir())) == 2  # an orphan directory was left behind
-    again = AdapterRegistry(store)  # restart: the orphan is removed, the committed adapter survives
+    (orphan,) = [d for d in (store / "adapters").iterdir() if d.name != kept.adapter_id]
+    old = time.time() - ORPHAN_AGE_S - 60
+    for path in [orphan, *orphan.iterdir()]:
+        os.utime(path, (old, old))
+    again = AdapterRegistry(store)  # restart: the old orphan is removed, the committed adapter survives
     assert [m.adapter_id for m in again.list("alice")] == [kept.adapter_id]
     assert [d.name for d in (store / "adapters").iterdir()] == [kept.adapter_id]
+
+
+def test_a_second_coordinator_starting_up_keeps_an_upload_in_progress(tmp_path):
+    """Files are written before their row: a directory without a row may be another coordinator's upload."""
+    store = tmp_path / "store"
+    first = AdapterRegistry(store)
+    upload = store / "adapters" / "ad-inflight"  # what first.add has written so far: files, no row yet
+    upload.mkdir()
+    first.vault.seal(upload / "adapter_config.json.enc", b'{"peft_type": "LORA"}', "ad-inflight/adapter_config.json")
+    AdapterRegistry(store)  # a second coordinator on the same store starts now
+    assert upload.is_dir() and len(list(upload.iterdir())) == 1
 
 
 def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
