@@ -37,3 +37,7 @@ class DeadlineExceeded(CloudError):
 
 class DataLoss(CloudError):
     """A stored artifact is corrupted and was not used."""
+
+
+class Unavailable(CloudError):
+    """The middle's compute is gone for now (a Ray worker died mid-step); retrying the step succeeds."""

@@ -11,7 +11,7 @@ import json
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,12 +100,16 @@ class Coordinator:
             the middle).
         federation: run one FedAvg job over offsite adapters (``None``: no federated rounds).
         backbone_dtype: dtype the frozen middle runs in (tensors still cross the wire as the edge asks).
+        runner_factory: ``K -> runner`` for the middle elsewhere (``serve --backbone ray``); ``None``: the
+            middle runs in this process.
     """
 
     def __init__(self, model_name: str, model_dir: Path, model: PreTrainedModel, store: Path,
                  default_edge_layers: int = 2, limits: Limits | None = None, default_emulator_layers: int = 0,
-                 federation: FederatedSettings | None = None, backbone_dtype: torch.dtype = torch.float32) -> None:
+                 federation: FederatedSettings | None = None, backbone_dtype: torch.dtype = torch.float32,
+                 runner_factory: Callable[[int], BackboneRunner] | None = None) -> None:
         self.backbone_dtype = backbone_dtype
+        self.runner_factory = runner_factory
         self.model_name, self.model_dir, self.model, self.store = model_name, model_dir, model, store
         self.default_edge_layers = default_edge_layers
         self.default_emulator_layers = default_emulator_layers
@@ -136,7 +140,10 @@ class Coordinator:
                 info = ModelInfo(self.model_name, self.model.config.model_type, plan.n_blocks,
                                  hidden_size(self.model.config), edge_layers, bundle_id(bundle_dir),
                                  sum(p.stat().st_size for p in bundle_files(bundle_dir)))
-                runner = local_runner(extract_middle(self.model, plan), self.backbone_dtype)
+                if self.runner_factory is not None:
+                    runner = self.runner_factory(edge_layers)
+                else:
+                    runner = local_runner(extract_middle(self.model, plan), self.backbone_dtype)
                 self._backends[edge_layers] = SplitBackend(info, bundle_dir, runner)
             return self._backends[edge_layers]
 

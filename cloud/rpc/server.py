@@ -12,6 +12,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
+from cloud.backbone.ray_runner import STATUS_FILE, RayConnectError, RayPool, RaySettings, connect
 from cloud.owner.federated import FederatedSettings
 from cloud.rpc.auth import Authenticator
 from cloud.rpc.handlers import Coordinator, Limits
@@ -50,6 +51,7 @@ class ServeConfig:
     round_deadline_s: float = 600.0
     fed_lora: LoraSettings = LoraSettings(targets=("all",))
     backbone_dtype: str = "float32"  # dtype the frozen middle runs in (float32 or bfloat16)
+    ray: RaySettings | None = None  # the middle on Ray workers (``serve --backbone ray``); None: in this process
 
     def federation(self) -> FederatedSettings | None:
         if not self.rounds:
@@ -73,6 +75,8 @@ class ServeConfig:
             problems.append("--emulator-layers and --rounds must not be negative")
         if self.backbone_dtype not in COMPUTE_DTYPES:
             problems.append(f"--backbone-dtype {self.backbone_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
+        if self.ray is not None:
+            problems.extend(self.ray.problems())
         federation = self.federation()
         if federation is not None:
             problems.extend(federation.problems())
@@ -88,9 +92,11 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     server, port = create_server(cfg.pki, cfg.listen, max_workers=cfg.workers)
     model_dir = resolve_model(cfg.model)
     model = load_causal_lm(model_dir, dtype=torch.float32).requires_grad_(False)
+    pool, started_ray = _ray_pool(cfg, model_dir) if cfg.ray is not None else (None, False)
     coordinator = Coordinator(cfg.model, model_dir, model, cfg.store, cfg.edge_layers, cfg.limits,
                               default_emulator_layers=cfg.emulator_layers, federation=cfg.federation(),
-                              backbone_dtype=compute_dtype(cfg.backbone_dtype))
+                              backbone_dtype=compute_dtype(cfg.backbone_dtype),
+                              runner_factory=pool.runner if pool is not None else None)
     if coordinator.job is not None:
         print(f"federated job {coordinator.job.job_id}: {cfg.rounds} rounds, {cfg.clients_per_round} clients "
               f"per round, {cfg.local_steps} local steps, deadline {cfg.round_deadline_s:g} s", flush=True)
@@ -115,4 +121,21 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     health.enter_graceful_shutdown()
     server.stop(grace=GRACE_S).wait()
     coordinator.registry.close()
+    if pool is not None:
+        pool.close(shutdown=started_ray)
     print("edgetune-cloud stopped", flush=True)
+
+
+def _ray_pool(cfg: ServeConfig, model_dir: Path) -> tuple[RayPool, bool]:
+    """Joins (or starts) the Ray cluster and its middle workers; True when this process started Ray."""
+    assert cfg.ray is not None
+    try:
+        started = connect(cfg.ray)
+    except RayConnectError as err:
+        raise ConfigError(str(err)) from None
+    pool = RayPool(cfg.ray, model_dir, cfg.model, cfg.backbone_dtype, cfg.store / STATUS_FILE)
+    live = [w for w in pool.status()["workers"] if w["live"]]
+    print(f"frozen middle on Ray: {len(live)} worker(s) live "
+          f"({'local instance' if started else cfg.ray.address}; batching {'on' if cfg.ray.batch else 'off'})",
+          flush=True)
+    return pool, started
