@@ -35,6 +35,7 @@ from emulator.data.scoring import accuracy
 from emulator.model.bundle import load_edge_model
 from emulator.model.loading import COMPUTE_DTYPES, load_tokenizer
 from emulator.model.segments import EdgeModel
+from emulator.privacy.defence import DefenceSettings
 from protocol.accounting import Traffic
 from protocol.channel import RETRYABLE, secure_channel
 from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
@@ -82,12 +83,17 @@ class TrainConfig:
     emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
     emulator_dtype: str = "float32"  # offsite: dtype the frozen emulator runs in (float32 or bfloat16)
     federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
+    # On the bottom-cut state (docs/security.md): noise and NoPeek, off by default
+    defence: DefenceSettings = field(default_factory=DefenceSettings)
 
     def __post_init__(self) -> None:
         problems = []
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
         problems += self.kr.problems()
+        if self.defence.active and self.mode == "offsite":
+            problems.append("--defence-noise and --defence-nopeek protect the state sent at the cut: offsite mode "
+                            "sends none (use --mode split or dlora)")
         if self.kr.enabled and self.mode != "dlora":
             problems.append(f"--kr-budget {self.kr.budget}: Kill-and-Revive needs --mode dlora")
         if self.tune not in TUNES:
@@ -156,10 +162,12 @@ def dlora_link(es: EdgeSession, settings: LoraSettings, wire_dtype: str) -> Dlor
 
 
 def evaluate(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, batch: int,
-             traffic: Traffic, desc: str = "eval") -> float:
-    """Accuracy of ``model`` on a multiple-choice dataset by split inference."""
+             traffic: Traffic, desc: str = "eval", defence: DefenceSettings | None = None) -> float:
+    """Accuracy of ``model`` on a multiple-choice dataset by split inference (with ``defence`` on the
+    states it sends)."""
     model.eval()
-    return accuracy(data.examples, lambda chunk: score_examples(model, link, chunk, pad_id, traffic), batch, desc)
+    return accuracy(data.examples, lambda chunk: score_examples(model, link, chunk, pad_id, traffic, defence),
+                    batch, desc)
 
 
 def start_run(cfg: TrainConfig) -> RunMetrics:
@@ -197,7 +205,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
         elif eval_data is not None and cfg.eval_before:
             metrics.eval_rows = len(eval_data.examples)
             metrics.eval_accuracy_before = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
-                                                    metrics.eval, "eval before")
+                                                    metrics.eval, "eval before", cfg.defence)
             print(f"[edgetune] eval accuracy before: {metrics.eval_accuracy_before:.4f}")
         def reconnect() -> None:  # a fresh stream on the same session (the cloud may have restarted)
             assert es.info is not None
@@ -212,13 +220,14 @@ def train(cfg: TrainConfig) -> RunMetrics:
         if eval_data is not None:
             metrics.eval_rows = len(eval_data.examples)
             metrics.eval_accuracy_after = evaluate(model, link, eval_data, es.pad_id, cfg.eval_batch,
-                                                   metrics.eval, "eval after")
+                                                   metrics.eval, "eval after", cfg.defence)
             print(f"[edgetune] eval accuracy after: {metrics.eval_accuracy_after:.4f}")
         link.stream.close()
         adapter_dir = cfg.out / "adapter"
-        _save_adapter(adapter_dir, model, link, cfg.lora, es.model_name)
+        _save_adapter(adapter_dir, model, link, cfg.lora, es.model_name, cfg.defence)
         metrics.wall_s = time.perf_counter() - start
         summary = {k: v for k, v in metrics.as_dict().items() if k not in ("per_step", "settings", "per_module")}
+        summary["defence"] = cfg.defence.as_dict()
         meta = client.register_adapter(adapter_dir, AdapterMeta(mode=cfg.mode, base_model=es.model_name,
                                                                 session_id=link.stream.session_id,
                                                                 metrics_json=json.dumps(summary)))
@@ -231,7 +240,7 @@ def train(cfg: TrainConfig) -> RunMetrics:
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed (paths and threads may differ)."""
     keep = ("mode", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "clip", "edge_layers",
-            "lora", "wire_dtype", "seed", "kr", "tune", "emulator_layers", "emulator_dtype")
+            "lora", "wire_dtype", "seed", "kr", "tune", "emulator_layers", "emulator_dtype", "defence")
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}, default=str))
 
 
@@ -256,14 +265,16 @@ def _resilient_step(run: Callable[[], StepOutput], flops: FlopMeter, optimizer: 
 
 
 def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings: LoraSettings,
-                  model_name: str) -> None:
-    """One PEFT adapter with every module: the segments' and, in dlora, the bank's cloud-held sites."""
+                  model_name: str, defence: DefenceSettings | None = None) -> None:
+    """One PEFT adapter with every module: the segments' and, in dlora, the bank's cloud-held sites;
+    the defence it was trained with goes into the weights file's metadata (the registry keeps it)."""
     spec = model.bottom.spec
     state, extra = adapter_state_dict(model, spec), []
     if isinstance(link, DloraMiddle):
         state.update(link.server.bank.adapter_state_dict())
         extra = [site.name for site in link.server.bank.sites]
-    save_adapter(directory, state, peft_config(model, settings, spec, model_name, extra_targets=extra))
+    meta = {"edgetune_defence": json.dumps(defence.as_dict())} if defence is not None else None
+    save_adapter(directory, state, peft_config(model, settings, spec, model_name, extra_targets=extra), meta)
 
 
 def train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, cfg: TrainConfig,
@@ -304,7 +315,7 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
             modules.set_active(plan.active)
             input_ids, labels = next(batches)
             traffic, t0 = Traffic(), time.perf_counter()
-            out = _resilient_step(partial(split_step, model, link, step, input_ids, labels, traffic),
+            out = _resilient_step(partial(split_step, model, link, step, input_ids, labels, traffic, cfg.defence),
                                   flops, optimizer, reconnect, cfg.retries if reconnect else 1)
             kr.observe(step, plan, modules.importance(cfg.kr.score))
             if plan.probe:  # a module the probe (re)killed is measured, not trained

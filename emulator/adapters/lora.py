@@ -102,12 +102,13 @@ def peft_config(model: nn.Module, settings: LoraSettings, spec: ArchSpec, base_m
                       base_model_name_or_path=base_model)
 
 
-def save_adapter(directory: Path, state: dict[str, torch.Tensor], config: LoraConfig) -> None:
-    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+def save_adapter(directory: Path, state: dict[str, torch.Tensor], config: LoraConfig,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (with ``metadata`` in its header)."""
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+              metadata={**(metadata or {}), "format": "pt"})
 
 
 def load_adapter_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
