@@ -40,7 +40,7 @@ STATUS_FILE = "backbone-status.json"  # in the store; `edgetune-cloud status` re
 ACTIVE_S = 60.0  # a session counts towards its worker's load for this long after its last call
 
 
-class RayConnectError(ValueError):
+class RayConnectError(ConnectionError):
     """The Ray cluster named by ``--ray-address`` cannot be reached; one line, with the fix."""
 
 
@@ -86,6 +86,8 @@ def connect(settings: RaySettings) -> bool:
     """
     import ray
 
+    if ray.is_initialized():  # this process already drives a cluster (tests, notebooks): use it
+        return False
     if settings.address is None:
         ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -353,6 +355,25 @@ class RayRunner:
             worker.actor.abort.remote(session)  # the step waits for an answer that will not come
             ray.get(worker.actor.release.remote(session))
             raise
+
+
+def run_task(settings: RaySettings, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn(*args)`` as one Ray task on the cluster (retried by Ray if its worker dies) and returns
+    its result; an exception ``fn`` raises is raised here as itself."""
+    import ray
+
+    started = connect(settings)
+    try:
+        task = ray.remote(fn).options(num_cpus=0, max_retries=2)
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def format_status(status: dict[str, Any]) -> str:

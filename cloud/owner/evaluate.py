@@ -1,9 +1,11 @@
 """``edgetune-cloud evaluate``: the model owner scores a registered adapter on evaluation data it owns.
 
-Recipe: load the full model -> take the adapter out of the registry (decrypted, authenticated) ->
-plug it in (:func:`emulator.adapters.plugin.plug_in`, a merged copy) -> score the multiple-choice rows the way
-the edge does (:mod:`emulator.data.scoring`) -> report. The base model can be scored beside it on the same
-rows (``--baseline``). Nothing here talks to an edge: the data is the model owner's own.
+Recipe: take the adapter out of the registry (decrypted, authenticated) -> load the full model and plug
+the adapter in (:func:`emulator.adapters.plugin.plug_in`, a merged copy) -> score the multiple-choice rows
+the way the edge does (:mod:`emulator.data.scoring`) -> report. :func:`score_adapter` does the middle two
+here, or as a Ray task on the cluster (``--backbone ray``), loading the model where it runs. The base
+model can be scored beside it on the same rows (``--baseline``). Nothing here talks to an edge: the data
+is the model owner's own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from cloud.backbone.ray_runner import RaySettings
 from cloud.store.registry import AdapterRegistry
 from emulator.adapters.plugin import check_fits, plug_in
 from emulator.data.datasets import Dataset, load_eval, parse_eval
@@ -41,6 +44,7 @@ class EvaluateConfig:
     baseline: bool = False
     dtype: str = "float32"
     threads: int = 0
+    ray: RaySettings | None = None  # score on a Ray cluster (``evaluate --backbone ray``)
 
     def problems(self) -> list[str]:
         out = []
@@ -81,19 +85,39 @@ def evaluate_recipe(cfg: EvaluateConfig) -> EvaluateResult:
         registry.close()
     tokenizer = load_tokenizer(model_dir)
     data = load_eval(cfg.data, tokenizer, cfg.seq_len)
-    base = load_causal_lm(model_dir).requires_grad_(False)
+    args = (str(model_dir), cfg.model, files, data, int(tokenizer.pad_token_id), cfg.batch, cfg.dtype, cfg.baseline,
+            cfg.threads, cfg.adapter)
+    if cfg.ray is not None:  # the scoring runs on the cluster; the model loads there, not here
+        from cloud.backbone.ray_runner import run_task
+
+        accuracy, base_accuracy = run_task(cfg.ray, score_adapter, *args)
+    else:
+        accuracy, base_accuracy = score_adapter(*args)
+    return EvaluateResult(cfg.adapter, owner, len(data.examples), data.truncated, accuracy, base_accuracy)
+
+
+def score_adapter(model_dir: str, model_name: str, files: dict[str, bytes], data: Dataset, pad: int, batch: int,
+                  dtype: str, baseline: bool, threads: int = 0, adapter: str = "") -> tuple[float, float | None]:
+    """Accuracy of the base model with the adapter ``files`` plugged in (and of the base alone if
+    ``baseline``). Runs here or as a Ray task (``evaluate --backbone ray``): it loads the model itself,
+    from ``model_dir`` where that exists on this machine, else from ``model_name`` resolved here.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(model_dir) if (Path(model_dir) / "config.json").is_file() else resolve_model(model_name)
+    base = load_causal_lm(path).requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
         for name, blob in files.items():
             (Path(tmp) / name).write_bytes(blob)
         try:
             check_fits(base, Path(tmp))
         except ValueError as err:
-            raise EvaluateError(f"adapter {cfg.adapter} does not fit --model {cfg.model}: {err}") from None
+            raise EvaluateError(f"adapter {adapter} does not fit --model {model_name}: {err}") from None
         tuned = plug_in(base, Path(tmp))
-    dtype, pad = compute_dtype(cfg.dtype), int(tokenizer.pad_token_id)
-    accuracy = accuracy_of(tuned, data, pad, cfg.batch, dtype, f"adapter {cfg.adapter}")
-    base_accuracy = accuracy_of(base, data, pad, cfg.batch, dtype, "base model") if cfg.baseline else None
-    return EvaluateResult(cfg.adapter, owner, len(data.examples), data.truncated, accuracy, base_accuracy)
+    compute = compute_dtype(dtype)
+    accuracy = accuracy_of(tuned, data, pad, batch, compute, f"adapter {adapter}")
+    base_accuracy = accuracy_of(base, data, pad, batch, compute, "base model") if baseline else None
+    return accuracy, base_accuracy
 
 
 @torch.no_grad()
