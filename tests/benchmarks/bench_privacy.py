@@ -1,0 +1,316 @@
+"""Benchmark (not a test): what the model owner reads from the wire, per defence, beside task accuracy.
+
+SmolLM2-135M on one client's Rotten Tomatoes partition. Every setting trains the same LoRA the same
+steps with the edge's own training loop (:func:`edge.training.recipes.train_loop`, in-process middle),
+then measures side by side:
+
+* task accuracy on the paired held-out rows (with the defence on, as at inference);
+* the owner's audit (:mod:`cloud.audit`) on the states the trained edge sends for those rows: A0,
+  A1 (fitted on the cloud's own speeches corpus through the base blocks with the announced
+  defence) and A2 (on the first ``--a2-rows`` rows), scored on the review text only (the
+  "Review: ... Sentiment:" template is public);
+* the label read from the top-cut gradient of ``--grad-rows`` rows;
+* edge training FLOPs.
+
+The undefended run's adapter also gets the membership probe (training rows vs held-out rows,
+scored with and without the adapter: what an uploaded offsite adapter gives away).
+
+Results are cached per setting in ``docs/privacy_benchmark.json`` (rerun to resume); the Markdown
+table and the PNG plot are rewritten after every setting.
+
+Usage (repo root): ``python tests/benchmarks/bench_privacy.py`` (defaults: 40 steps, 500 eval rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "deploy"))
+
+from prepare_rotten_tomatoes import prepare  # noqa: E402
+
+from cloud.audit.gradients import label_from_gradient  # noqa: E402
+from cloud.audit.membership import auc, membership_scores  # noqa: E402
+from cloud.audit.suite import AuditSettings, audit, strongest  # noqa: E402
+from edge.modes.split import LocalMiddle, completion_loss, transmitted  # noqa: E402
+from edge.training.recipes import TrainConfig, evaluate, train_loop  # noqa: E402
+from emulator.adapters.lora import LoraSettings, add_lora  # noqa: E402
+from emulator.data.datasets import IGNORE, load_eval, load_train  # noqa: E402
+from emulator.model.loading import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from emulator.model.segments import split_causal_lm  # noqa: E402
+from emulator.offsite.corpus import speech_texts, token_chunks  # noqa: E402
+from emulator.privacy.defence import DefenceSettings  # noqa: E402
+from protocol.accounting import Traffic  # noqa: E402
+
+MODEL = "smollm2-135m"
+JSON, MD, PNG = (REPO / "docs" / f"privacy_benchmark.{ext}" for ext in ("json", "md", "png"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    edge_layers: int
+    noise: float = 0.0
+    nopeek: float = 0.0
+
+
+SETTINGS = [Setting("split K=2 (undefended)", 2), Setting("split K=2 + noise 0.5", 2, noise=0.5),
+            Setting("split K=2 + NoPeek 1", 2, nopeek=1.0), Setting("split K=4", 4),
+            Setting("split K=2 + noise 2", 2, noise=2.0), Setting("split K=2 + NoPeek 4", 2, nopeek=4.0)]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--eval-rows", type=int, default=500)
+    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--a2-rows", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--grad-rows", type=int, default=50)
+    p.add_argument("--member-rows", type=int, default=200)
+    p.add_argument("--owner-chunks", type=int, default=300, help="64-token chunks of the owner's corpus")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    p.add_argument("--json", type=Path, default=JSON, help="results file (a second process can run other settings "
+                   "into its own file; --merge folds it back)")
+    p.add_argument("--merge", type=Path, nargs="*", default=[], help="fold these results files into --json, "
+                   "rewrite the table and plot, and exit")
+    return p.parse_args()
+
+
+def template_span(tok, ids: list[int]) -> tuple[int, int]:
+    """Positions of the review text inside ``Review: <text>\\nSentiment:`` (the template is public)."""
+    head = len(tok("Review:").input_ids)
+    tail = len(tok("\nSentiment:", add_special_tokens=False).input_ids)
+    return head, max(head, len(ids) - tail)
+
+
+@torch.no_grad()
+def observed_states(model, prompts: list[list[int]], defence: DefenceSettings, seed: int) -> list[torch.Tensor]:
+    """What the trained edge sends for each prompt (its own noise draws, seeded apart from the owner's)."""
+    torch.manual_seed(seed)
+    return [transmitted(model.bottom(torch.tensor([p])), defence)[0] for p in prompts]
+
+
+def label_attack(model, base, middle, rows, answers, defence: DefenceSettings, candidates: list[int]) -> float:
+    """Share of rows whose label the owner reads from the gradient the edge returns at the top cut."""
+    hits = 0
+    for prompt, answer in zip(rows, answers):
+        ids = torch.tensor([prompt + [answer]])
+        labels = torch.tensor([[IGNORE] * len(prompt) + [answer]])
+        with torch.no_grad():
+            upper = middle(transmitted(model.bottom(ids), defence).to(next(middle.parameters()).dtype)).float()
+        upper.requires_grad_(True)
+        completion_loss(model, upper, labels).backward()
+        assert upper.grad is not None
+        guess = label_from_gradient(base.top.features, base.top.lm_head, upper[0].detach(), upper.grad[0],
+                                    candidates)
+        hits += guess == answer
+    return hits / len(rows)
+
+
+@torch.no_grad()
+def completion_losses(model, middle, rows) -> list[float]:
+    """Per row (``(ids, labels)``) the completion loss by split inference."""
+    out = []
+    for ids, labels in rows:
+        upper = middle(model.bottom(torch.tensor([ids])).to(next(middle.parameters()).dtype)).float()
+        out.append(completion_loss(model, upper, torch.tensor([labels])).item())
+    return out
+
+
+class Bench:
+    """Shared state of one invocation: the model, data, owner corpus and the results file."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args, self.work = args, work
+        model_dir = resolve_model(MODEL)
+        self.full = load_causal_lm(model_dir).requires_grad_(False)
+        self.tok = load_tokenizer(model_dir)
+        data = prepare(work / "data", 1, args.train_rows, args.eval_rows, 0)["clients"][0]
+        self.train_path, self.eval_path = work / "data/client0/train.jsonl", work / "data/client0/eval.jsonl"
+        self.data_summary = data
+        self.train_data = load_train(self.train_path, self.tok, 64)
+        self.eval_data = load_eval(self.eval_path, self.tok, 64)
+        assert all(len(ex.sequences) == 1 for ex in self.eval_data.examples), "choices must be single tokens"
+        self.prompts = [ex.sequences[0] for ex in self.eval_data.examples]
+        self.answers = [ex.targets[ex.answer][0][2] for ex in self.eval_data.examples]
+        self.candidates = sorted({t[0][2] for ex in self.eval_data.examples for t in ex.targets})
+        chunks = token_chunks(speech_texts(), self.tok, 64)
+        self.owner_ids = chunks[torch.linspace(0, len(chunks) - 1, args.owner_chunks).long()]
+        self.pad_id = self.tok.pad_token_id
+        self.results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        (work / "identity").mkdir(exist_ok=True)
+
+    def config(self, setting: Setting) -> TrainConfig:
+        return TrainConfig(cloud="in-process", identity=self.work / "identity", data=self.train_path,
+                           out=self.work / "run", steps=self.args.steps, edge_layers=setting.edge_layers,
+                           checkpoint_every=0, threads=self.args.threads,
+                           lora=LoraSettings(targets=("all",)),
+                           defence=DefenceSettings(setting.noise, setting.nopeek))
+
+    def save(self) -> None:
+        self.args.json.write_text(json.dumps(self.results, indent=2) + "\n")
+        if self.args.json == JSON:
+            write_markdown(self.results)
+            write_plot(self.results)
+
+
+def run_setting(b: Bench, s: Setting) -> dict:
+    split = split_causal_lm(b.full, s.edge_layers)
+    base, middle = split.edge, split.middle.to(torch.bfloat16).requires_grad_(False)
+    cfg, link = b.config(s), LocalMiddle(middle)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(base, cfg.lora, base.bottom.spec)
+    t0 = time.perf_counter()
+    records = train_loop(model, link, b.train_data, b.pad_id, cfg)
+    train_s = time.perf_counter() - t0
+    torch.manual_seed(7)  # the edge's inference noise draws
+    acc = evaluate(model, link, b.eval_data, b.pad_id, 32, Traffic(), "eval", cfg.defence)
+    t1 = time.perf_counter()
+    observed = observed_states(model, b.prompts, cfg.defence, seed=11)
+    spans = [template_span(b.tok, p) for p in b.prompts]
+    head = lambda h: base.top.lm_head(base.top.final_norm(h))  # noqa: E731
+    attacks = audit(observed, b.prompts, base.bottom, base.bottom.embed_tokens.weight, head, b.owner_ids,
+                    cfg.defence, AuditSettings(top_k=b.args.top_k, a2_rows=b.args.a2_rows), spans)
+    attack_s = time.perf_counter() - t1
+    n = b.args.grad_rows
+    label = label_attack(model, base, middle, b.prompts[:n], b.answers[:n], cfg.defence, b.candidates)
+    best = strongest(attacks)
+    row = {"setting": s.name, "edge_layers": s.edge_layers, "noise": s.noise, "nopeek": s.nopeek,
+           "steps": cfg.steps, "accuracy": acc, "eval_rows": len(b.prompts),
+           "strongest_attack": best.attack, "token_recovery": best.token_recovery, "row_exact": best.row_exact,
+           "rouge_l": best.rouge_l, "attack_rows": best.rows, "attacks": [a.as_dict() for a in attacks],
+           "label_from_gradient": label, "label_rows": n,
+           "edge_train_gflop": sum(r.edge_flops for r in records) / 1e9,
+           "loss_first": records[0].loss, "loss_last": sum(r.loss for r in records[-10:]) / min(10, len(records)),
+           "train_s": train_s, "attack_s": attack_s}
+    if s.name == SETTINGS[0].name:
+        row["membership"] = membership(b, model, base, link.middle)
+    return row
+
+
+def membership(b: Bench, model, base, middle) -> dict:
+    """AUC of the owner telling the rows the adapter trained on from unseen rows of the same file."""
+    import random
+
+    order = list(range(len(b.train_data.examples)))
+    random.Random(0 * 1_000_003 + 0).shuffle(order)  # train_batches' first epoch for seed 0
+    seen = order[: b.args.steps * 8]
+    unseen = order[b.args.steps * 8:]
+    n = min(b.args.member_rows, len(seen), len(unseen))
+    rows = lambda idx: [(b.train_data.examples[i].input_ids, b.train_data.examples[i].labels) for i in idx[:n]]  # noqa: E731
+    members, others = rows(seen), rows(unseen)
+    sm = membership_scores(completion_losses(base, middle, members), completion_losses(model, middle, members))
+    so = membership_scores(completion_losses(base, middle, others), completion_losses(model, middle, others))
+    return {"auc": auc(sm, so), "rows": n, "members_mean_drop": sum(sm) / n, "others_mean_drop": sum(so) / n}
+
+
+def zero_shot(b: Bench) -> float:
+    split = split_causal_lm(b.full, 2)
+    return evaluate(split.edge, LocalMiddle(split.middle.to(torch.bfloat16)), b.eval_data, b.pad_id, 32, Traffic(),
+                    "zero-shot")
+
+
+def write_markdown(results: dict) -> None:
+    rows = results.get("settings", {})
+    lines = ["# Privacy benchmark", "",
+             "Generated by `tests/benchmarks/bench_privacy.py`; see docs/security.md for what it means.", "",
+             f"Config: `{json.dumps(results.get('config', {}))}`", "",
+             f"Zero-shot accuracy (K=2, no adapter): {results.get('zero_shot', float('nan')):.3f}", "",
+             "| setting | accuracy | strongest attack | token recovery | row exact | ROUGE-L | A0 | A1 ridge | A1 MLP "
+             "| A2 | label from gradient | edge train GFLOP |", "|" + "---|" * 12]
+    for r in rows.values():
+        by = {a["attack"]: a["token_recovery"] for a in r["attacks"]}
+        a0 = max(by.get("A0 LM head", 0), by.get("A0 nearest embedding", 0))
+        lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {r['strongest_attack']} | {r['token_recovery']:.3f} "
+                     f"| {r['row_exact']:.3f} | {r['rouge_l']:.3f} | {a0:.3f} | {by.get('A1 ridge', 0):.3f} "
+                     f"| {by.get('A1 MLP', 0):.3f} | {by.get('A2 white-box search', 0):.3f} "
+                     f"| {r['label_from_gradient']:.2f} | {r['edge_train_gflop']:.0f} |")
+    first = next(iter(rows.values()), None)
+    if first and "membership" in first:
+        m = first["membership"]
+        lines += ["", f"Membership probe on the undefended adapter ({m['rows']} trained rows vs {m['rows']} unseen "
+                  f"rows of the same file, score = loss without minus loss with the adapter): AUC {m['auc']:.3f}."]
+    MD.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(results.get("settings", {}).values())
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["accuracy"], r["token_recovery"])
+        ax.annotate(r["setting"], (r["accuracy"], r["token_recovery"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.axhline(0.10, ls="--", lw=0.8, color="grey")
+    if "zero_shot" in results:
+        ax.axvline(results["zero_shot"], ls=":", lw=0.8, color="grey")
+    ax.set_xlabel("task accuracy (Rotten Tomatoes, held-out rows)")
+    ax.set_ylabel("strongest attack: token recovery")
+    ax.set_title("SmolLM2-135M: what the owner recovers vs accuracy")
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=120)
+    plt.close(fig)
+
+
+def merge(target: Path, parts: list[Path]) -> None:
+    """Folds other processes' settings (run with the same config) into ``target``, in SETTINGS order."""
+    results = json.loads(target.read_text())
+    for part in parts:
+        other = json.loads(part.read_text())
+        if other.get("config") != results.get("config"):
+            raise SystemExit(f"{part}: ran with another config than {target}; rerun it with the same flags")
+        results["settings"].update(other["settings"])
+    order = [s.name for s in SETTINGS]
+    results["settings"] = dict(sorted(results["settings"].items(), key=lambda kv: order.index(kv[0])))
+    target.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results)
+    write_plot(results)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.merge:
+        return merge(args.json, args.merge)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(args, Path(tmp))
+        config = {k: v for k, v in vars(args).items() if k not in ("only", "json", "merge")}
+        if b.results.get("config") != config:
+            b.results = {"config": config, "settings": {}}
+        b.results["data"] = b.data_summary
+        if "zero_shot" not in b.results:
+            b.results["zero_shot"] = zero_shot(b)
+            b.save()
+            print(f"zero-shot {b.results['zero_shot']:.3f}", flush=True)
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
+        for s in SETTINGS:
+            if s.name in b.results["settings"] or (only and s.name not in only):
+                continue
+            t0 = time.perf_counter()
+            row = run_setting(b, s)
+            b.results["settings"][s.name] = row
+            b.save()
+            print(f"{s.name}: acc {row['accuracy']:.3f} {row['strongest_attack']} {row['token_recovery']:.3f} "
+                  f"label {row['label_from_gradient']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
