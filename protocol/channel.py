@@ -8,17 +8,18 @@ environment. Retries use capped, jittered exponential backoff on UNAVAILABLE and
 from __future__ import annotations
 
 import errno
-import random
 import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+
+from protocol.credentials import CredentialError, TlsFiles, check_identity, client_tls, server_tls
+from protocol.retry import Backoff, retry
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = [
@@ -32,44 +33,7 @@ GRPC_OPTIONS = [
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TLS_FAILURES = ("handshake", "verification check failed", "certificate")
 T = TypeVar("T")
-
-
-class CredentialError(ValueError):
-    """A certificate or key file that is missing or unusable; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM bytes of one side's TLS identity and the CA it trusts."""
-
-    ca: bytes
-    cert: bytes
-    key: bytes
-
-
-def _read(path: Path, what: str, fix: str) -> bytes:
-    if not path.is_file():
-        raise CredentialError(f"{path}: {what} not found; {fix}")
-    data = path.read_bytes()
-    if b"-----BEGIN" not in data:
-        raise CredentialError(f"{path}: not a PEM file; {fix}")
-    return data
-
-
-def client_tls(identity_dir: Path) -> TlsFiles:
-    """Reads ``ca.crt``, ``client.crt`` and ``client.key`` of an edge identity directory."""
-    fix = "pass --identity DIR/clients/NAME as written by `edgetune-cloud pki issue DIR NAME`"
-    return TlsFiles(_read(identity_dir / "ca.crt", "CA certificate", fix),
-                    _read(identity_dir / "client.crt", "client certificate", fix),
-                    _read(identity_dir / "client.key", "client key", fix))
-
-
-def server_tls(pki_dir: Path) -> TlsFiles:
-    """Reads ``ca.crt``, ``server.crt`` and ``server.key`` of a PKI directory."""
-    fix = f"run `edgetune-cloud pki init {pki_dir}` first"
-    return TlsFiles(_read(pki_dir / "ca.crt", "CA certificate", fix),
-                    _read(pki_dir / "server.crt", "server certificate", fix),
-                    _read(pki_dir / "server.key", "server key", fix))
+__all__ = ["CredentialError", "TlsFiles", "client_tls", "server_tls", "secure_channel", "create_server", "with_retry"]
 
 
 def create_server(pki_dir: Path, listen: str, max_workers: int = 16) -> tuple[grpc.Server, int]:
@@ -126,8 +90,6 @@ def probe_bind(listen: str) -> None:
 @contextmanager
 def secure_channel(target: str, identity_dir: Path) -> Iterator[grpc.Channel]:
     """A mutual-TLS channel to the coordinator, closed on exit; checks the identity files first."""
-    from protocol.diagnose import check_identity  # local: diagnose builds on this module
-
     check_identity(identity_dir)
     tls = client_tls(identity_dir)
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
@@ -153,12 +115,6 @@ def _retryable(err: grpc.RpcError) -> bool:
 
 def with_retry(call: Callable[[], T], attempts: int = 6, base_s: float = 0.25, cap_s: float = 8.0,
                sleep: Callable[[float], None] = time.sleep) -> T:
-    """Runs ``call``, retrying UNAVAILABLE/DEADLINE_EXCEEDED with capped, jittered backoff."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except grpc.RpcError as err:
-            if not _retryable(err) or attempt == attempts - 1:
-                raise
-            sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
-    raise AssertionError("unreachable")
+    """Runs ``call``, retrying UNAVAILABLE/DEADLINE_EXCEEDED with the one policy (:mod:`protocol.retry`)."""
+    return retry(call, lambda err: isinstance(err, grpc.RpcError) and _retryable(err),
+                 Backoff(attempts, base_s, cap_s), sleep=sleep)

@@ -7,35 +7,15 @@ another CA, a server certificate that does not name the host, or a client the se
 
 from __future__ import annotations
 
-import datetime as dt
 import socket
 import ssl
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from protocol.channel import CredentialError, client_tls
+from protocol.credentials import CredentialError, check_identity, check_validity
 
-
-def check_identity(identity_dir: Path, now: dt.datetime | None = None) -> None:
-    """Checks an edge identity offline: key matches certificate, validity period, issuing CA.
-
-    Raises:
-        CredentialError: naming the file and what to do.
-    """
-    tls = client_tls(identity_dir)
-    cert = x509.load_pem_x509_certificate(tls.cert)
-    key = serialization.load_pem_private_key(tls.key, password=None)
-    if _public(key.public_key()) != _public(cert.public_key()):
-        raise CredentialError(f"{identity_dir / 'client.key'} does not belong to {identity_dir / 'client.crt'}; "
-                              "keep the files of one `pki issue` together")
-    _check_validity(cert, identity_dir / "client.crt", now)
-    try:
-        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(tls.ca))
-    except (ValueError, TypeError, Exception) as err:  # noqa: BLE001 - any failure means "not this CA"
-        raise CredentialError(f"{identity_dir / 'client.crt'} is not signed by {identity_dir / 'ca.crt'} "
-                              f"({type(err).__name__}); re-issue the identity from the server's PKI") from None
+__all__ = ["check_identity", "diagnose_connection"]
 
 
 def diagnose_connection(target: str, identity_dir: Path, timeout: float = 5.0) -> str:
@@ -60,7 +40,7 @@ def diagnose_connection(target: str, identity_dir: Path, timeout: float = 5.0) -
         return (f"the server certificate is valid for {', '.join(sorted(names))}, not {host!r}; connect to one of "
                 "those names or re-create the server certificate with `pki init --hosts`")
     try:
-        _check_validity(server_cert, Path("server.crt"), None)
+        check_validity(server_cert, Path("server.crt"), None)
     except CredentialError:
         return f"the server certificate at {target} has expired; its owner must renew it (`pki init`)"
     return (f"TLS with {target} looks right from here, but the server refused {identity_dir / 'client.crt'}: "
@@ -86,19 +66,3 @@ def _names(cert: x509.Certificate) -> set[str]:
     except x509.ExtensionNotFound:
         return set()
     return set(sans.get_values_for_type(x509.DNSName)) | {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-
-
-def _check_validity(cert: x509.Certificate, path: Path, now: dt.datetime | None) -> None:
-    now = now or dt.datetime.now(dt.UTC)
-    if now > cert.not_valid_after_utc:
-        raise CredentialError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; ask for a new identity "
-                              "(`edgetune-cloud pki revoke` then `pki issue` on the cloud host)")
-    if now < cert.not_valid_before_utc:
-        raise CredentialError(f"{path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}; check the clock")
-
-
-def _public(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-

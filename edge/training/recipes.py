@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from emulator.model.segments import EdgeModel
 from emulator.privacy.defence import DefenceSettings
 from protocol.accounting import Traffic
 from protocol.channel import RETRYABLE, secure_channel
+from protocol.retry import Backoff, retry
 from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
 from protocol.types import MODES, AdapterMeta, SessionInfo
 
@@ -246,22 +246,28 @@ def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def _resilient_step(run: Callable[[], StepOutput], flops: FlopMeter, optimizer: torch.optim.Optimizer,
                     reconnect: Callable[[], None] | None, attempts: int) -> StepOutput:
-    """Runs one step; if the cloud is unreachable, waits (capped, jittered backoff), reconnects to the
-    same session and runs the whole step again from clean gradients, so the result is unchanged."""
-    for attempt in range(attempts):
-        try:
-            with flops.measure():
-                return run()
-        except CloudCallError as err:
-            if err.code not in RETRYABLE or attempt == attempts - 1:
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            delay = random.uniform(0.5, min(10.0, 0.5 * 2**attempt))
-            print(f"[edgetune] cloud unreachable ({err.code.name}); retrying the step in {delay:.1f} s", flush=True)
-            time.sleep(delay)
-            if reconnect is not None:
-                reconnect()
-    raise AssertionError("unreachable")
+    """Runs one step; if the cloud is unreachable, waits (the one backoff policy, :mod:`protocol.retry`),
+    reconnects to the same session and runs the whole step again from clean gradients, so the result is
+    unchanged."""
+
+    def measured() -> StepOutput:
+        with flops.measure():
+            return run()
+
+    def before_retry(err: BaseException, delay: float) -> None:
+        assert isinstance(err, CloudCallError)
+        optimizer.zero_grad(set_to_none=True)
+        code = err.code.name if err.code is not None else "no status"
+        print(f"[edgetune] cloud unreachable ({code}); retrying the step in {delay:.1f} s", flush=True)
+
+    def after_wait(delay: float) -> None:
+        time.sleep(delay)
+        if reconnect is not None:
+            reconnect()
+
+    # A step waits longer than one RPC (0.5 s base, 10 s cap): the cloud may be restarting.
+    return retry(measured, lambda err: isinstance(err, CloudCallError) and err.code in RETRYABLE,
+                 Backoff(attempts, base_s=0.5, cap_s=10.0), before_retry, after_wait)
 
 
 def _save_adapter(directory: Path, model: EdgeModel, link: MiddleLink, settings: LoraSettings,
