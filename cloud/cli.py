@@ -29,9 +29,14 @@ from emulator.offsite.distill import DistillSettings
 from protocol.channel import CredentialError
 from protocol.pki import PkiError, init_pki, issue_client, revoke_client
 
+
+class UsageError(ValueError):
+    """A mistake in the command line; the message names the flag and the fix."""
+
+
 USER_ERRORS = (ConfigError, CredentialError, PkiError, ModelNotFoundError, SplitError,
                UnsupportedArchitectureError, OSError, BuildConfigError, EmulatorError, CorpusError, NotFound,
-               EvaluateError, DataError)
+               EvaluateError, DataError, UsageError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds of client silence before a training stream is closed")
     srv.add_argument("--emulator-layers", type=int, default=0,
                      help="offsite: default emulator depth E (0: a third of the middle)")
+    ray = srv.add_argument_group("the frozen middle on a Ray cluster (docs/scale-out.md)")
+    ray.add_argument("--backbone", default="local", choices=("local", "ray"),
+                     help="where the frozen middle runs: in this process, or on Ray workers")
+    ray.add_argument("--ray-address", default=None,
+                     help="auto, HOST:PORT or ray://HOST:PORT of a cluster started with `ray start --head` "
+                          "(default: start a local Ray instance and stop it on exit)")
+    ray.add_argument("--ray-workers", type=int, default=1, help="middle workers on every Ray node")
+    ray.add_argument("--ray-worker-threads", type=int, default=0,
+                     help="torch threads per worker (0: the node's cores divided by --ray-workers)")
+    ray.add_argument("--batch", action="store_true",
+                     help="coalesce concurrent sessions' forwards and backwards on a worker into one call "
+                          "(pays on accelerators; about even on CPUs, see docs/scale-out.md)")
+    ray.add_argument("--batch-window-ms", type=float, default=10.0,
+                     help="how long a worker waits for other sessions to join a batched call")
     fed = srv.add_argument_group("federated offsite rounds (FedAvg)")
     fed.add_argument("--rounds", type=int, default=0, help="run R FedAvg rounds (0: no federated job)")
     fed.add_argument("--clients-per-round", type=int, default=1, help="C clients selected per round")
@@ -81,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--fed-lora-targets", default="all",
                      help="comma-separated projections, 'all', or '' (the family's default)")
     _emulator_parsers(sub)
+    st = sub.add_parser("status", help="the frozen middle's workers: sessions, queue wait, batch sizes, compute "
+                                       "seconds (serve --backbone ray)")
+    st.add_argument("--store", type=Path, required=True, help="the store `serve` uses")
+    st.add_argument("--json", action="store_true", help="print the raw status JSON")
     ev = sub.add_parser("evaluate", help="score a registered adapter (plugged into the full model) on your own "
                                          "multiple-choice JSONL")
     ev.add_argument("--model", default="smollm2-135m")
@@ -94,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=32)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--backbone", default="local", choices=("local", "ray"),
+                    help="score here, or as one task on a Ray cluster (the model loads on the worker)")
+    ev.add_argument("--ray-address", default=None,
+                    help="auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance for the task)")
     exp = sub.add_parser("export", help="merge an adapter into the full model and write a plain HF directory")
     exp.add_argument("--model", default="smollm2-135m")
     exp.add_argument("--store", type=Path, required=True)
@@ -156,11 +183,40 @@ def _build_emulator(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     r = evaluate_recipe(EvaluateConfig(args.model, args.store, args.adapter, args.data, args.owner, args.seq_len,
-                                       args.batch, args.baseline, args.dtype, args.threads))
+                                       args.batch, args.baseline, args.dtype, args.threads, _ray_settings(args)))
     base = f"; base model {r.base_accuracy:.4f}" if r.base_accuracy is not None else ""
     print(f"adapter {r.adapter_id} (owner {r.owner}) on {args.data}: accuracy {r.accuracy:.4f} over {r.rows} rows"
           f"{base} ({r.truncated} prompts truncated to --seq-len {args.seq_len})")
     print(json.dumps(dataclasses.asdict(r)))
+
+
+def _ray_settings(args: argparse.Namespace):
+    """``--backbone ray`` settings (``None`` for the in-process middle); Ray itself is imported later."""
+    if args.backbone != "ray":
+        if args.ray_address is not None or getattr(args, "batch", False) is True:
+            raise UsageError("--ray-address and --batch need --backbone ray")
+        return None
+    from cloud.backbone.ray_runner import RaySettings
+
+    if args.command == "evaluate":
+        settings = RaySettings(args.ray_address)
+    else:
+        settings = RaySettings(args.ray_address, args.ray_workers, args.ray_worker_threads, args.batch,
+                               args.batch_window_ms / 1000)
+    if settings.problems():
+        raise UsageError("; ".join(settings.problems()))
+    return settings
+
+
+def _status(args: argparse.Namespace) -> None:
+    from cloud.backbone.ray_runner import STATUS_FILE, format_status
+
+    path = args.store / STATUS_FILE
+    if not path.is_file():
+        raise UsageError(f"--store {args.store}: no {STATUS_FILE}; only `serve --backbone ray` writes one "
+                         "(the in-process middle reports compute seconds to each edge instead)")
+    status = json.loads(path.read_text())
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -202,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"blocks={e.blocks}  distilled={e.distilled}")
         elif args.command == "export":
             _export(args)
+        elif args.command == "status":
+            _status(args)
         elif args.command == "evaluate":
             _evaluate(args)
         else:
@@ -211,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.workers, args.threads, args.port_file, limits, args.emulator_layers, args.rounds,
                               args.clients_per_round, args.local_steps, args.round_deadline,
                               LoraSettings(args.fed_lora_rank, args.fed_lora_alpha, 0.0, targets),
-                              args.backbone_dtype))
+                              args.backbone_dtype, _ray_settings(args)))
     except USER_ERRORS as err:
         print(f"edgetune-cloud: error: {err}", file=sys.stderr)
         return 2

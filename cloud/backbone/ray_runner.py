@@ -89,7 +89,7 @@ def connect(settings: RaySettings) -> bool:
     if ray.is_initialized():  # this process already drives a cluster (tests, notebooks): use it
         return False
     if settings.address is None:
-        ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
     if settings.address != "auto":
@@ -256,11 +256,16 @@ class RayPool:
                 log.warning("ray pool monitor: %s", err)
 
     def close(self, shutdown: bool) -> None:
-        """Stops the monitor (and the local Ray instance when we started it)."""
+        """Stops the monitor and the workers (and the local Ray instance when we started it)."""
         import ray
 
         self._stop.set()
         self._monitor.join(timeout=10)
+        for w in self._workers.values():
+            try:
+                ray.kill(w.actor, no_restart=True)
+            except ray.exceptions.RayError:
+                pass
         if shutdown:
             ray.shutdown()
 
