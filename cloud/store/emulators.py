@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from protocol.fileio import publish_directory
 
 WEIGHTS, META = "emulator.safetensors", "emulator.json"
 HELD_OUT_CHUNKS = 32  # distillation loss is reported on this many held-out chunks
-SELECT_CHUNKS = 16  # corpus chunks that measure block importance / similarity (16 x 64 tokens)
+SELECT_CHUNKS = 8  # corpus chunks that measure block importance / similarity (8 x 64 tokens)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,17 @@ def emulator_key(fingerprint: str, spec: EmulatorSpec) -> str:
     return "em-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def measurement_key(fingerprint: str, spec: EmulatorSpec) -> str:
+    """What selection measurements depend on: the model, K and the corpus (not E, bridges or distillation)."""
+    seq_len = spec.distill.seq_len if spec.distill is not None else DistillSettings.seq_len
+    seed = spec.distill.seed if spec.distill is not None else 0
+    corpus = spec.distill_data
+    if corpus not in BUILTIN_SOURCES:
+        corpus = hashlib.sha256(Path(corpus).read_bytes()).hexdigest()
+    blob = json.dumps([fingerprint, spec.edge_layers, corpus, seq_len, seed, SELECT_CHUNKS])
+    return "measured-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 class EmulatorStore:
     """Emulators under ``store/emulators``."""
 
@@ -170,12 +182,14 @@ class EmulatorStore:
         cached = self.get(key)
         if cached is not None:
             return cached
-        student, meta = build_emulator(model, spec, tokenizer, self.root / f"{key}.partial", progress)
+        start = time.perf_counter()
+        student, meta = build_emulator(model, spec, tokenizer, self.root / f"{key}.partial", progress,
+                                       self.root / f"{measurement_key(fingerprint, spec)}.json")
         meta.update(key=key, model_name=model_name, model_fingerprint=fingerprint,
+                    build_s=time.perf_counter() - start,  # of this (possibly resumed) run
                     built=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         self._write(key, student, meta)
         shutil.rmtree(self.root / f"{key}.partial", ignore_errors=True)
-        (self.root / f"{key}.partial.select.json").unlink(missing_ok=True)
         return self.get(key)  # type: ignore[return-value]
 
     def _write(self, key: str, student: BlockStack, meta: dict) -> None:
@@ -189,11 +203,13 @@ class EmulatorStore:
 
 
 def build_emulator(model: PreTrainedModel, spec: EmulatorSpec, tokenizer: PreTrainedTokenizerBase | None,
-                   checkpoint: Path, progress: bool = True) -> tuple[BlockStack, dict]:
+                   checkpoint: Path, progress: bool = True, measurements: Path | None = None
+                   ) -> tuple[BlockStack, dict]:
     """Block selection, optional distillation, then optional pruning and quantization.
 
-    ``checkpoint`` is the distillation's resume directory; the selection's measurements are kept
-    beside it (``<checkpoint>.select.json``), so a resumed build does not measure again.
+    ``checkpoint`` is the distillation's resume directory; the selection's measurements (block
+    importance, block similarity) are kept in ``measurements`` (default ``<checkpoint>.select.json``), so
+    a resumed build, or another build on the same model, depth K and corpus, does not measure again.
 
     Returns:
         The emulator and its metadata (kept blocks, run order, settings, unique-parameter share,
@@ -210,8 +226,8 @@ def build_emulator(model: PreTrainedModel, spec: EmulatorSpec, tokenizer: PreTra
         texts = load_texts(spec.distill_data, model, tokenizer, seed=seed)
         train, held = held_out_split(token_chunks(texts, tokenizer, seq_len))
         held = held[:HELD_OUT_CHUNKS]
-    student, meta = _select(split, spec, train, checkpoint.with_name(checkpoint.name + ".select.json"),
-                            hidden_size(model.config))
+    cache = measurements or checkpoint.with_name(checkpoint.name + ".select.json")
+    student, meta = _select(split, spec, train, cache, hidden_size(model.config))
     meta.update({"edge_layers": spec.edge_layers, "emulator_layers": spec.emulator_layers, "blocks": student.indices,
                  "middle_blocks": plan.middle, "sparsity": spec.sparsity, "bits": spec.bits,
                  "selection": spec.selection, "bridge_rank": spec.bridge_rank,

@@ -23,7 +23,7 @@ from emulator.offsite.compress import EmulatorError
 from emulator.offsite.stack import EmulatorStack, with_order
 
 SELECTIONS = ("uniform", "importance", "crash")
-MAX_CKA_TOKENS = 2048  # positions entering each CKA (cost is linear in them; 2k is plenty for a ranking)
+MAX_CKA_TOKENS = 512  # positions entering each CKA (its cost is linear in them; enough to rank neighbours)
 
 
 @torch.no_grad()

@@ -54,7 +54,9 @@ OUT_JSON, OUT_MD = REPO / "docs" / "offsite_benchmark.json", REPO / "docs" / "of
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", required=True, choices=["all", "zero-shot", "offsite", "plug-in", "full-lora",
-                                                      "report", "_train-offsite", "_train-full"])
+                                                      "report", "_train-offsite", "_train-full", "matrix"])
+    p.add_argument("--units", default="all", choices=["all", "ceiling", "emulators", "report"],
+                   help="matrix: which units this worker runs (two workers may share --work)")
     p.add_argument("--data", type=Path, default=Path("/tmp/rt/client0"))
     p.add_argument("--store", type=Path, default=Path("/tmp/offs/store"))
     p.add_argument("--work", type=Path, default=Path("/tmp/offs/bench"))
@@ -274,7 +276,38 @@ def phase_all(args) -> None:
                    "threads": args.threads, "wall_s": time.perf_counter() - start})
 
 
+def phase_matrix(args) -> None:
+    """The emulator matrix (see tests/benchmarks/offsite_matrix.py): resumable units under --work/units."""
+    from tests.benchmarks.offsite_matrix import Matrix, default_emulators, run, summary
+
+    if not (args.data / "eval.jsonl").is_file():
+        sys.path.insert(0, str(REPO / "deploy"))
+        from prepare_rotten_tomatoes import prepare
+
+        prepare(args.data.parent, clients=1, train_rows=2000, eval_rows=1000, seed=0)
+    m = Matrix(eval_subset(args), args.data / "train.jsonl", args.work, args.store, args.steps,
+               emulators=default_emulators())
+    start = time.perf_counter()
+    if args.units != "report":
+        run(m, args.units)
+    data = {k: v for k, v in results().items() if k.startswith("matrix")}  # the matrix replaces older runs
+    data["matrix"] = summary(m)
+    runs = data.setdefault("matrix_runs", {})
+    runs[args.units] = {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
+                        "threads": args.threads, "wall_s": time.perf_counter() - start}
+    OUT_JSON.write_text(json.dumps(data, indent=2))
+    OUT_MD.write_text(render(data))
+
+
 def render(d: dict) -> str:
+    if "matrix" in d:
+        from tests.benchmarks.offsite_matrix import render as render_matrix
+
+        runs = d.get("matrix_runs", {})
+        command = "; ".join(r["command"] for r in runs.values()) or "tests/benchmarks/bench_offsite.py --phase matrix"
+        threads = next(iter(runs.values()), {}).get("threads", "?")
+        return "\n".join(["# Offsite-Tuning emulator benchmark (SmolLM2-135M, Rotten Tomatoes)", "",
+                          *render_matrix(d["matrix"], command, threads), ""])
     z, o, p, f = (d.get(k, {}) for k in ("zero_shot", "offsite", "plug_in", "full_lora"))
 
     def acc(v):
@@ -325,7 +358,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)  # also the stand-in identity directory of TrainConfig
     torch.set_num_threads(args.threads)
-    if args.phase == "all":
+    if args.phase == "matrix":
+        phase_matrix(args)
+    elif args.phase == "all":
         phase_all(args)
     elif args.phase == "zero-shot":
         phase_zero_shot(args)

@@ -185,3 +185,17 @@ def test_bad_construction_settings_are_all_reported():
     problems = EmulatorSpec(1, 2, selection="random", bridge_rank=-1).problems()
     assert any("--selection random" in p for p in problems) and any("--bridge-rank -1" in p for p in problems)
     assert any("needs" in p or "trained by distillation" in p for p in EmulatorSpec(1, 2, bridge_rank=4).problems())
+
+
+def test_measurements_are_shared_by_builds_of_other_depths(tiny_dirs, corpus, tmp_path, monkeypatch):
+    model_dir = tiny_dirs["opt"]
+    model, fp = load_causal_lm(model_dir).requires_grad_(False), model_fingerprint(model_dir)
+    store = EmulatorStore(tmp_path / "store")
+    first = store.build(model, "tiny", fp, EmulatorSpec(1, 2, distill_data=corpus, selection="importance"),
+                        load_tokenizer(model_dir), progress=False)
+    monkeypatch.setattr(store_module, "drop_one_importance", lambda *a: pytest.fail("measured again"))
+    second = store.build(model, "tiny", fp, EmulatorSpec(1, 1, distill_data=corpus, selection="importance"),
+                         load_tokenizer(model_dir), progress=False)
+    assert second.meta["importance"] == first.meta["importance"] and second.key != first.key
+    top = max(range(4), key=lambda i: first.meta["importance"][i])
+    assert second.blocks == [first.meta["middle_blocks"][top]]  # E=1 keeps the single most important block
