@@ -165,7 +165,9 @@ def _quantize(out: Path) -> None:
     for name in (BOTTOM, TOP):
         fp32 = out / f"{name}.fp32"
         (out / name).rename(fp32)
-        quantize_dynamic(fp32, out / name, weight_type=QuantType.QInt8)
+        # per-channel scales: on SmolLM2 they agreed with fp32 on 0.90 of 40 rows where one scale per
+        # tensor agreed on 0.80 (the embedding and the tied LM head span very different row norms)
+        quantize_dynamic(fp32, out / name, weight_type=QuantType.QInt8, per_channel=True)
         fp32.unlink()
 
 
