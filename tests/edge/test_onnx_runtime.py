@@ -184,3 +184,22 @@ def test_export_refuses_bad_input(exports, tmp_path, capsys):
         assert main(["export", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (argv, err)
+
+
+def test_runtime_flags_are_checked_before_connecting(tmp_path, capsys):
+    _, eval_file = write_toy_sentiment(tmp_path)
+    base = ["--cloud", "127.0.0.1:1", "--identity", str(tmp_path), "--data", str(eval_file)]
+    existing = tmp_path / "old.jsonl"
+    existing.write_text("{}\n")
+    cases = [
+        (["eval", "--runtime", "onnx", *base], "pass --model DIR"),
+        (["eval", "--runtime", "onnx", *base, "--model", str(tmp_path), "--adapter", str(tmp_path)], "not --adapter"),
+        (["predict", *base, "--model", str(tmp_path), "--out", str(existing)], "exists; choose a new file"),
+        (["predict", *base[:4], "--data", str(tmp_path / "none"), "--model", str(tmp_path), "--out", "x"],
+         "file not found"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    assert existing.read_text() == "{}\n"
