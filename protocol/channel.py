@@ -81,10 +81,11 @@ def probe_bind(listen: str) -> None:
         try:
             sock.bind(address)
         except OSError as err:
-            reason = ("another process already listens on this port" if err.errno == errno.EADDRINUSE
-                      else f"{err.strerror.lower() if err.strerror else err}")
-            raise OSError(f"--listen {listen}: {reason}; pick a free port (HOST:0 picks one) or stop the other "
-                          "process") from None
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(f"--listen {listen}: another process already listens on this port; pick a free port "
+                              "(HOST:0 picks one) or stop the other process") from None
+            raise OSError(f"--listen {listen}: cannot bind ({err.strerror or err}); give an address of this machine "
+                          "(0.0.0.0 for all of them) and a port you may use") from None
 
 
 @contextmanager

@@ -86,6 +86,14 @@ class AdapterRegistry:
             )
         return stored
 
+    def list_all(self) -> list[AdapterMeta]:
+        """Every adapter in the store, whoever owns it: for the model owner's own tools, never for an RPC."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT adapter_id, owner, mode, base_model, session_id, created, size_bytes, metrics_json "
+                "FROM adapters ORDER BY created, adapter_id").fetchall()
+        return [_meta(row) for row in rows]
+
     def list(self, owner: str) -> list[AdapterMeta]:
         with self._lock:
             rows = self._db.execute(
