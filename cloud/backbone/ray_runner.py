@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -89,6 +90,7 @@ def connect(settings: RaySettings) -> bool:
     if ray.is_initialized():  # this process already drives a cluster (tests, notebooks): use it
         return False
     if settings.address is None:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # the workers are the compute (cloud/backbone/cpu.py)
         ray.init(address="local", num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
@@ -204,10 +206,11 @@ class RayPool:
                             str(err).splitlines()[0] if str(err) else type(err).__name__)
             worker.live, worker.failures = False, worker.failures + 1
 
-    def forget(self, session: str) -> None:
+    def placed(self, session: str) -> _Worker | None:
+        """The worker that holds ``session``'s graphs, if it has one and it is live."""
         with self._lock:
-            self._placed.pop(session, None)
-            self._last_call.pop(session, None)
+            name = self._placed.get(session)
+            return self._workers[name] if name is not None and self._workers[name].live else None
 
     def _load(self) -> dict[str, int]:
         now, load = time.time(), dict[str, int]()
@@ -308,11 +311,13 @@ class RayRunner:
         for kept in (self._sites, self._graphs):
             for key in [k for k in kept if k[0] == session]:
                 del kept[key]
+        worker = self.pool.placed(session)
+        if worker is None:
+            return 0  # never placed, or its worker and graphs are gone already
         try:
-            worker = self.pool.worker_for(session)
             return int(ray.get(worker.actor.release.remote(session), timeout=30))
-        except (ray.exceptions.RayError, Unavailable):
-            return 0  # the worker and its graphs are gone already
+        except ray.exceptions.RayError:
+            return 0
 
     def _converse(self, session: str, call: Callable[[_Worker], Any], sites: SiteCalls | None,
                   retry: bool) -> tuple[torch.Tensor, float, str]:

@@ -1,5 +1,6 @@
 """Worker CPU set-up: AMX permission is asked for without ever raising; torch threads are set explicitly."""
 
+import os
 import platform
 
 import torch
@@ -15,7 +16,8 @@ def test_amx_request_never_raises_and_threads_are_set():
     before = torch.get_num_threads()
     try:
         setup = prepare_compute_process(1)
-        assert setup == {"amx_permission": granted, "torch_threads": 1} and torch.get_num_threads() == 1
+        assert setup["amx_permission"] == granted and setup["torch_threads"] == 1 and torch.get_num_threads() == 1
+        assert setup["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
         assert prepare_compute_process(0)["torch_threads"] == 1  # 0 leaves the count alone
     finally:
         torch.set_num_threads(before)
