@@ -1,6 +1,7 @@
 """Hostile and malformed input against a real coordinator process: it answers each with a clear
 status, logs it, and keeps serving everyone else."""
 
+import copy
 import os
 import random
 import socket
@@ -11,10 +12,12 @@ import grpc
 import pytest
 import torch
 
-from edge.modes.split import RemoteMiddle, split_step
+from edge.modes.split import LocalMiddle, RemoteMiddle, split_step
 from edge.rpc.client import CloudCallError, CloudClient
-from emulator.adapters.lora import LoraSettings, add_lora
+from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters
 from emulator.model.bundle import load_edge_model
+from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol import edgetune_pb2 as pb
 from protocol import edgetune_pb2_grpc as pb_grpc
 from protocol import serde
@@ -28,8 +31,12 @@ from tests.edge.test_split_equivalence import make_batch
 pytestmark = pytest.mark.integration
 
 
+_REFERENCE: dict[str, torch.nn.Module] = {}  # the served model, for in-process reference steps
+
+
 @pytest.fixture(scope="module")
 def strict_cloud(tiny_dirs, pki, tmp_path_factory):
+    _REFERENCE["model"] = load_causal_lm(tiny_dirs["llama"])
     cloud = start_cloud(str(tiny_dirs["llama"]), pki, tmp_path_factory.mktemp("strict"),
                         extra=["--idle-timeout", "2", "--max-streams-per-client", "2", "--max-tensor-mb", "1"])
     yield cloud
@@ -48,14 +55,28 @@ def raw_stub(cloud, pki, name="alice", send_limit=None):
 
 
 def healthy_step(cloud, pki, name="alice"):
+    """One split step over a real stream, checked against the same step in-process: the loss and every LoRA
+    gradient (the cloud's forward and backward both) must match. Returns the loss."""
     with secure_channel(cloud.address, pki / "clients" / name) as channel:
         client = CloudClient(channel)
         info = client.open_session("split")
         edge = load_edge_model(client.bundle(info))
         model = add_lora(edge, LoraSettings(rank=2, alpha=4), edge.bottom.spec)
+        with torch.no_grad():  # nonzero B: the top's LoRA gradients then depend on the cloud's output too
+            for name_, param in model.named_parameters():
+                if "lora_B" in name_:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        reference = copy.deepcopy(model)
         stream = client.train_stream(info)
         loss = split_step(model, RemoteMiddle(stream), 1, *make_batch(), Traffic()).loss
         stream.close()
+    served = _REFERENCE["model"]
+    middle = LocalMiddle(extract_middle(served, plan_for(served.config, info.model.edge_layers)))
+    want = split_step(reference, middle, 1, *make_batch(), Traffic()).loss
+    assert loss == pytest.approx(want, rel=1e-5)
+    for (name_, got), expected in zip(lora_parameters(model).items(), lora_parameters(reference).values()):
+        assert got.grad is not None and expected.grad is not None and expected.grad.abs().sum() > 0, name_
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name_)
     return loss
 
 
