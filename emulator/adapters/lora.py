@@ -55,7 +55,8 @@ def segment_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
         if ".layers." in name and name.rsplit(".", 1)[-1] in targets and _is_linear(module):
             names.append(name)
     if not names:
-        raise ValueError(f"no LoRA target {list(targets)} found in the edge segments")
+        raise AdapterMismatchError(f"--lora-targets {','.join(targets)}: no such projection in this model's "
+                                   "blocks; give 'all', '' (the architecture's default) or its own names")
     return names
 
 
