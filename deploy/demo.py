@@ -1,7 +1,7 @@
 """The main job (``make demo``): one edge client fine-tunes SmolLM2-135M on its private reviews.
 
 Recipe: prepare the client's Rotten Tomatoes partition -> create a PKI and the client identity ->
-build (once; cached) the distilled offsite emulator -> start the cloud coordinator on loopback ->
+build (once; cached) the offsite emulator -> start the cloud coordinator on loopback ->
 train with the edge client in split mode and in offsite mode (evaluating before and after) -> pull the
 adapters back in PEFT format -> print a table -> stop the cloud. Everything lands in ``--out``
 (default ``demo-out/``) except the emulator cache, which outlives it. The edge's data files never
@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cloud.store.emulators import DEFAULT_SELECTION  # noqa: E402
 from deploy.prepare_rotten_tomatoes import prepare  # noqa: E402
 from emulator.model.loading import cache_root, resolve_model  # noqa: E402
 from protocol.pki import init_pki, issue_client  # noqa: E402
@@ -44,17 +45,18 @@ RUNS = [
     # Zero-shot is the split run's (same base model, same eval rows).
     DemoRun("dlora+KR", ["--mode", "dlora", "--kr-budget", "0.1", "--kr-warmup", "10", "--kr-probe-every", "50",
                          "--lr", "1e-3", "--wire-dtype", "int8", "--no-eval-before"]),
-    # Offsite trains offline against the distilled emulator, which the edge runs in bf16 (frozen; the
-    # adapter trains in fp32); before/after are the emulator's accuracies.
+    # Offsite trains offline against the emulator, which the edge runs in bf16 (frozen; the adapter
+    # trains in fp32); before/after are the emulator's accuracies.
     DemoRun("offsite", ["--mode", "offsite", "--emulator-dtype", "bfloat16"]),
 ]
 # The model owner runs the frozen middle in bf16 (the checkpoint's own dtype): about 1.5x faster per
 # training step on these CPUs than fp32; activations still cross the wire as each run asks.
 BACKBONE_DTYPE = "bfloat16"
-# The 2-8-2 emulator of docs/offsite_benchmark.md: distilled on the cloud's own text (convention speeches
-# and debates), never on the edge's data. Layer drop alone does not work at this size.
-EMULATOR = ["--edge-layers", "2", "--emulator-layers", "8", "--distill-data", "speeches", "--distill-steps", "120",
-            "--distill-lr", "5e-4", "--distill-warmup", "10"]
+# The default 2-8-2 emulator of docs/offsite_benchmark.md (cloud.store.emulators.default_spec): the 8 middle
+# blocks whose removal costs the most LM loss on the cloud's own text (convention speeches and debates, never
+# the edge's data). Training-free: the first build measures importance once (about a minute), later demos
+# reuse it.
+EMULATOR = ["--edge-layers", "2", "--emulator-layers", "8", "--selection", DEFAULT_SELECTION]
 
 
 def main() -> int:
@@ -123,9 +125,10 @@ def start_cloud(out: Path, threads: int, env: dict) -> tuple[subprocess.Popen, s
 
 
 def prepare_emulator(store: Path, threads: int, env: dict) -> None:
-    """Builds the distilled emulator once into a cache that outlives ``--out`` and gives the cloud a copy.
+    """Builds the default emulator once into a cache that outlives ``--out`` and gives the cloud a copy.
 
-    The first build distils for a while (about 15-25 minutes on 2 busy cores); later demos reuse it.
+    The first build measures the middle blocks' importance (26 forward passes over 8 x 64 tokens of the
+    cloud's text); later demos reuse it.
     """
     cached = cache_root() / "demo-cloud-store"
     proc = subprocess.run([sys.executable, "-m", "cloud.cli", "emulator", "build", "--model", "smollm2-135m",
@@ -181,7 +184,7 @@ def table(results: dict[str, dict], wall_s: float) -> str:
     rows = results["split"]["eval_rows"]
     if "offsite" in results:
         o = results["offsite"]
-        lines += ["", f"offsite trained offline against the distilled emulator ({o['emulator'].get('blocks')}) with "
+        lines += ["", f"offsite trained offline against the emulator (blocks {o['emulator'].get('blocks')}) with "
                   f"0 bytes on the wire between the bundle download and the adapter upload."]
     lines += ["", f"Eval on {rows} held-out rows (movies disjoint from training); before = full-model zero-shot "
               f"except for the emulator row. Demo wall time {wall_s:.0f} s.",

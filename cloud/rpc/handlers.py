@@ -27,10 +27,10 @@ from cloud.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from cloud.owner.federated import FederatedJob, FederatedSettings, initial_lora_adapter
 from cloud.rpc.sessions import Session, SessionLog, SessionManager
 from cloud.store.emulators import (
-    EmulatorSpec,
     EmulatorStore,
     StoredEmulator,
     default_emulator_layers,
+    default_spec,
     model_fingerprint,
 )
 from cloud.store.registry import ALLOWED_FILES, AdapterRegistry, staging_dir
@@ -39,6 +39,7 @@ from emulator.adapters.plugin import check_fits
 from emulator.adapters.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
 from emulator.model.arch import arch_for, hidden_size
 from emulator.model.bundle import bundle_files, bundle_id, write_bundle
+from emulator.model.loading import load_tokenizer
 from emulator.model.segments import SplitError, SplitPlan, extract_middle, plan_for
 from emulator.offsite.compress import EmulatorError
 from protocol.serde import WireFormatError
@@ -374,13 +375,12 @@ class Coordinator:
         with self._backend_lock:
             if (edge_layers, depth) not in self._offsite:
                 fingerprint = model_fingerprint(self.model_dir)
-                stored = self.emulators.find(fingerprint, edge_layers, depth)
-                if stored is None:
-                    try:
-                        stored = self.emulators.build(self.model, self.model_name, fingerprint,
-                                                      EmulatorSpec(edge_layers, depth), progress=False)
-                    except EmulatorError as err:
-                        raise InvalidArgument(str(err)) from None
+                spec = default_spec(edge_layers, len(plan.middle), depth)
+                tokenizer = load_tokenizer(self.model_dir) if spec.uses_corpus else None
+                try:
+                    stored = self.emulators.serving(self.model, self.model_name, fingerprint, spec, tokenizer)
+                except EmulatorError as err:
+                    raise InvalidArgument(str(err)) from None
                 bundle_dir = write_bundle(self.model, self.model_dir, plan, self.store / "bundles", self.model_name,
                                           stored.load(self.model), stored.public_meta())
                 info = ModelInfo(self.model_name, self.model.config.model_type, plan.n_blocks,

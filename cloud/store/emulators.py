@@ -175,6 +175,14 @@ class EmulatorStore:
         matches.sort(key=lambda e: (e.distilled, e.meta.get("built", "")), reverse=True)
         return matches[0] if matches else None
 
+    def serving(self, model: PreTrainedModel, model_name: str, fingerprint: str, spec: EmulatorSpec,
+                tokenizer: PreTrainedTokenizerBase | None) -> StoredEmulator:
+        """The emulator ``serve`` hands out for ``spec``'s (K, E): ``spec`` itself if stored, else the best
+        stored one of that shape (see :meth:`find`), else ``spec`` built now."""
+        stored = self.get(emulator_key(fingerprint, spec)) or self.find(fingerprint, spec.edge_layers,
+                                                                         spec.emulator_layers)
+        return stored or self.build(model, model_name, fingerprint, spec, tokenizer, progress=False)
+
     def build(self, model: PreTrainedModel, model_name: str, fingerprint: str, spec: EmulatorSpec,
               tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True) -> StoredEmulator:
         """Builds (or returns the cached) emulator of ``spec`` for ``model``."""
@@ -282,6 +290,18 @@ def _select(split: SplitModel, spec: EmulatorSpec, train: torch.Tensor | None, c
 def default_emulator_layers(n_middle: int) -> int:
     """A third of the middle (2-8-2 for a 30-block model with K=2), at least 1."""
     return max(1, min(n_middle - 1, n_middle // 3))
+
+
+# The default construction (docs/offsite_benchmark.md): the kept blocks are the most important ones by
+# drop-one LM loss on the cloud's own text; training-free, so it is built in a minute, on demand.
+DEFAULT_SELECTION = "importance"
+
+
+def default_spec(edge_layers: int, n_middle: int, emulator_layers: int = 0) -> EmulatorSpec:
+    """The emulator ``serve`` and the demo use: :data:`DEFAULT_SELECTION` at depth ``emulator_layers``
+    (0: a third of the middle), measured on the built-in ``speeches`` text."""
+    return EmulatorSpec(edge_layers, emulator_layers or default_emulator_layers(n_middle),
+                        selection=DEFAULT_SELECTION)
 
 
 class BuildConfigError(ValueError):

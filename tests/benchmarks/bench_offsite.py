@@ -55,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", required=True, choices=["all", "zero-shot", "offsite", "plug-in", "full-lora",
                                                       "report", "_train-offsite", "_train-full", "matrix"])
-    p.add_argument("--units", default="all", choices=["all", "ceiling", "emulators", "report"],
-                   help="matrix: which units this worker runs (two workers may share --work)")
+    p.add_argument("--units", default="all",
+                   help="matrix: which units this worker runs: all, ceiling, emulators, report, ceiling-seeds=1,2 "
+                        "or first-seeds=1,2 (several workers may share --work)")
     p.add_argument("--data", type=Path, default=Path("/tmp/rt/client0"))
     p.add_argument("--store", type=Path, default=Path("/tmp/offs/store"))
     p.add_argument("--work", type=Path, default=Path("/tmp/offs/bench"))

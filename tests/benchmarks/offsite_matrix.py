@@ -237,8 +237,18 @@ class Runner:
 
 def run(m: Matrix, which: str) -> None:
     """``which``: ``ceiling`` (zero-shot, then the ceiling's seeds), ``emulators`` (every emulator unit in
-    priority order), or ``all``."""
+    priority order), ``all``, or one more worker's share: ``ceiling-seeds=1,2`` (those ceiling seeds) or
+    ``first-seeds=1,2`` (those LoRA seeds of the first emulator)."""
     r = Runner(m)
+    if "=" in which:
+        kind, seeds = which.split("=")
+        for seed in (int(x) for x in seeds.split(",")):
+            if kind == "ceiling-seeds":
+                r.ceiling(seed)
+            else:
+                r.build(m.emulators[0])
+                r.adapter(m.emulators[0], "lora", seed)
+        return
     if which in ("ceiling", "all"):
         r.zero_shot()
         for seed in m.seeds:
