@@ -4,6 +4,9 @@ Whatever an edge sends, the handler either answers or raises a domain error (whi
 turns into a gRPC status); it never raises anything else, and a good session keeps working.
 """
 
+import collections
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,10 +14,16 @@ from hypothesis import strategies as st
 
 from cloud.errors import CloudError
 from cloud.rpc.handlers import Coordinator, Limits
+from edge.modes.dlora import LocalDloraMiddle, SiteServer
+from emulator.adapters.lora import LoraSettings
+from emulator.adapters.lora_bank import LoraBank
+from emulator.adapters.remote_sites import plan_remote_sites
+from emulator.model.arch import arch_for
 from emulator.model.loading import load_causal_lm
+from emulator.model.segments import extract_middle, plan_for
 from protocol import edgetune_pb2 as pb
 from protocol import serde
-from protocol.tensors import tensor_chunks
+from protocol.tensors import TensorAssembler, tensor_chunks
 from protocol.types import EdgeMessage, OpenSessionRequest, Phase
 
 CASES = 1200
@@ -88,9 +97,63 @@ def test_handler_survives_generated_streams(coordinator, mode):
     case()
     assert len(seen) >= (1000 if mode == "split" else 500)
     if mode == "dlora":
-        return  # a dlora step needs the edge to answer its site call-outs; covered over mTLS elsewhere
+        dlora_step_matches_reference(coordinator, session)
+        return
     # The session still works after all that: a normal forward/backward step round-trips.
     replies = list(coordinator.train("alice", (serde.edge_message_from_proto(m) for m in
                                                 well_formed(session, 9, Phase.FORWARD_TRAIN, (1, 4, 32))
                                                 + well_formed(session, 9, Phase.BACKWARD, (1, 4, 32)))))
     assert [r.phase for r in replies] == [Phase.ACTIVATION, Phase.GRADIENT]
+
+
+def dlora_step_matches_reference(coordinator, session):
+    """After the fuzzing, a real dlora step on the same session, its site call-outs answered by an edge's bank,
+    gives the activation, input gradient and bank gradients of the same step run in-process."""
+    model = coordinator.model
+    plan = plan_for(model.config, 2)
+    groups = plan_remote_sites(model, plan, arch_for(model.config).lora_targets)
+    bank = LoraBank(groups, LoraSettings())
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:  # nonzero B: the edge's site answers change the cloud's output
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    reference_bank = copy.deepcopy(bank)
+    server = SiteServer(bank)
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    got = _serve_dlora_step(coordinator, session, server, hidden, grad)
+    link = LocalDloraMiddle(extract_middle(model, plan), SiteServer(reference_bank))
+    want_out, _ = link.forward(5, hidden, True, None)
+    want_grad, _ = link.backward(5, grad, None)
+    torch.testing.assert_close(got[Phase.ACTIVATION], want_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[Phase.GRADIENT], want_grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(bank.named_parameters(), reference_bank.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert (want_out - link.runner.forward("plain", 0, hidden, False)[0]).abs().max() > 1e-3  # the sites mattered
+
+
+def _serve_dlora_step(coordinator, session, server, hidden, grad):
+    """Drives one dlora step through ``coordinator.train`` as an edge would, answering its call-outs."""
+    inbox = collections.deque(EdgeMessage(session, 5, Phase.FORWARD_TRAIN, c, active_sites=server.begin(True))
+                              for c in tensor_chunks("h", hidden))
+
+    def messages():
+        while inbox:
+            yield inbox.popleft()
+
+    answers = {Phase.SITE_INPUT: Phase.SITE_OUTPUT, Phase.SITE_GRAD_OUTPUT: Phase.SITE_GRAD_INPUT}
+    finals, assembler = {}, TensorAssembler()
+    for reply in coordinator.train("alice", messages()):
+        tensor = assembler.feed(reply.tensor)
+        if tensor is None:
+            continue
+        if reply.phase in answers:
+            _, out = server.answer(reply.phase, reply.site_group, tensor)
+            inbox.extend(EdgeMessage(session, 5, answers[reply.phase], c, site_group=reply.site_group)
+                         for c in tensor_chunks("s", out))
+        else:
+            finals[reply.phase] = tensor
+            if reply.phase is Phase.ACTIVATION:
+                inbox.extend(EdgeMessage(session, 5, Phase.BACKWARD, c) for c in tensor_chunks("g", grad))
+    return finals
