@@ -357,7 +357,24 @@ def _adapter_config(adapter: Path) -> dict:
         raise UsageError(f"--adapter {adapter}: adapter_config.json does not parse ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("target_modules"), list) or "r" not in config:
         raise UsageError(f"--adapter {adapter}: adapter_config.json is not a PEFT LoRA config")
+    check_safetensors(adapter / "adapter_model.safetensors", f"--adapter {adapter}")
     return config
+
+
+def check_safetensors(path: Path, flag: str) -> None:
+    """Reads a safetensors header (8-byte length, then JSON) without torch: a damaged file is one line here."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except FileNotFoundError:
+        raise UsageError(f"{flag}: {path.name} missing; pull the adapter again") from None
+    except (OSError, ValueError):
+        raise UsageError(f"{flag}: {path.name} is damaged (not safetensors); pull the adapter again") from None
 
 
 def _with_adapter(es, args: argparse.Namespace, config: dict | None, leaves: tuple[str, ...]):

@@ -33,6 +33,13 @@ def _read(path: Path, what: str, fix: str) -> bytes:
     data = path.read_bytes()
     if b"-----BEGIN" not in data:
         raise CredentialError(f"{path}: not a PEM file; {fix}")
+    try:  # a damaged file fails here with its name, not later inside gRPC's TLS with none
+        if path.suffix == ".key":
+            serialization.load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificate(data)
+    except (ValueError, TypeError):
+        raise CredentialError(f"{path}: damaged {what} (its PEM block does not parse); {fix}") from None
     return data
 
 

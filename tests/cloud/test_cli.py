@@ -72,6 +72,11 @@ def test_adapters_list_shows_every_adapter_of_every_owner(store, capsys):
 def bad_inputs(tmp_path, pki, store, model):
     afile = tmp_path / "afile"
     afile.write_text("x")
+    damaged = tmp_path / "damagedpki"
+    damaged.mkdir()
+    for name in ("ca.crt", "server.crt", "server.key"):
+        (damaged / name).write_bytes((pki / name).read_bytes())
+    (damaged / "server.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps({"prompt": "a", "choices": [" b", " c"], "answer": 0}) + "\n")
     serve = ["serve", "--model", model, "--pki", pki, "--store", tmp_path / "s", "--listen", "127.0.0.1:0"]
@@ -86,6 +91,8 @@ def bad_inputs(tmp_path, pki, store, model):
         "pki issue twice": ["pki", "issue", pki, "alice"],
         "pki issue zero days": ["pki", "issue", pki, "dave", "--days", "0"],
         "pki revoke unknown": ["pki", "revoke", pki, "zed"],
+        "serve key damaged": ["serve", "--model", model, "--pki", damaged, "--store", tmp_path / "s", "--listen",
+                              "127.0.0.1:0"],
         "serve pki missing": ["serve", "--model", model, "--pki", tmp_path / "nope", "--store", tmp_path / "s"],
         "serve listen without port": [*serve, "--listen", "localhost"],
         "serve listen foreign host": [*serve, "--listen", "192.0.2.1:50051"],

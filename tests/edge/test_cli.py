@@ -43,6 +43,15 @@ def files(tmp_path, pki):
     (badadapter / "adapter_config.json").write_text("{oops")
     noconfig = tmp_path / "noconfig"
     noconfig.mkdir()
+    badweights = tmp_path / "badweights"
+    badweights.mkdir()
+    (badweights / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
+    (badweights / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    damaged = tmp_path / "damagedid"
+    damaged.mkdir()
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (damaged / name).write_bytes((pki / "clients" / "alice" / name).read_bytes())
+    (damaged / "client.crt").write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     return {"dir": tmp_path, "id": str(pki / "clients" / "alice"), "train": str(good_train), "eval": str(good_eval)}
 
 
@@ -99,6 +108,8 @@ def bad_other(f):
         "eval adapter missing": ["eval", *conn, "--data", f["eval"], "--adapter", str(d / "nope")],
         "eval adapter config broken": ["eval", *conn, "--data", f["eval"], "--adapter", str(d / "badadapter")],
         "eval adapter without config": ["eval", *conn, "--data", f["eval"], "--adapter", str(d / "noconfig")],
+        "eval adapter weights damaged": ["eval", *conn, "--data", f["eval"], "--adapter", str(d / "badweights")],
+        "list identity damaged": ["list", "--cloud", NOWHERE, "--identity", str(d / "damagedid")],
         "eval dlora without adapter": ["eval", *conn, "--data", f["eval"], "--mode", "dlora"],
         "eval zero batch": ["eval", *conn, "--data", f["eval"], "--eval-batch", "0"],
         "list bad cloud": ["list", "--cloud", "h:port", "--identity", f["id"]],
