@@ -86,6 +86,8 @@ def test_adapters_of_another_mode_or_model_are_one_line(setup, split_run, dlora_
     assert one_line(code, err) and "--mode dlora" in err, err
     code, _, err = run_main([*base, "--mode", "split", "--adapter", dlora_run / "adapter"], capsys)
     assert one_line(code, err) and "--mode split" in err, err
+    code, _, err = run_main([*base, "--mode", "offsite", "--adapter", dlora_run / "adapter"], capsys)
+    assert one_line(code, err) and "--mode offsite" in err, err
     other = setup["root"] / "other-model"
     other.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
