@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from cloud.backbone.batching import BatchingRunner
 from cloud.backbone.conversation import Answer, Callout, CalloutFn, Conversation, Finished
@@ -70,7 +71,7 @@ class MiddleWorker:
         self.setup = prepare_compute_process(threads or max(1, (os.cpu_count() or 1) // share))
         path = Path(model_dir)
         self.model_dir = path if (path / "config.json").is_file() else resolve_model(model_name)
-        self.model = load_causal_lm(self.model_dir, dtype=torch.float32).requires_grad_(False)
+        self.model: PreTrainedModel | None = load_causal_lm(self.model_dir, dtype=torch.float32)
         self.dtype = compute_dtype(dtype)
         self.window_s, self.max_batch = batch_window_s, max_batch
         self._runners: dict[int, BatchingRunner] = {}
@@ -141,7 +142,13 @@ class MiddleWorker:
     def _runner(self, edge_layers: int) -> BatchingRunner:
         with self._lock:
             if edge_layers not in self._runners:
-                middle = extract_middle(self.model, plan_for(self.model.config, edge_layers))
+                # The full model is dropped once a middle is cut from it (the worker keeps only what it
+                # runs: on a 23 GB machine shared with other jobs the kernel's OOM killer took workers
+                # holding both); a session with another K loads it again.
+                model = self.model or load_causal_lm(self.model_dir, dtype=torch.float32)
+                self.model = None
+                middle = extract_middle(model, plan_for(model.config, edge_layers))
+                del model
                 window, size = (self.window_s, self.max_batch) if self.window_s is not None else (0.0, 1)
                 self._runners[edge_layers] = BatchingRunner(middle, self.dtype, window, size)
             return self._runners[edge_layers]
