@@ -9,6 +9,16 @@ one after the other on the same machine state (the way the numbers in docs/ are 
 
     python tests/benchmarks/bench_offsite.py --phase all --store ~/.cache/edgetune/demo-cloud-store
 
+``--phase matrix`` measures the emulator constructions side by side (see ``offsite_matrix.py``): zero-shot,
+the split ceiling and, per emulator, emulator zero-shot, emulator + adapter, plug-in, build time and
+unique-parameter share, with McNemar p against zero-shot; resumable units, shared by several workers:
+
+    python tests/benchmarks/bench_offsite.py --phase matrix --units ceiling --eval-rows 500 --steps 100 --threads 1
+    python tests/benchmarks/bench_offsite.py --phase matrix --units emulators --eval-rows 500 --steps 100 --threads 1
+    python tests/benchmarks/bench_offsite.py --phase matrix --units first-seeds=1,2 --eval-rows 500 --steps 100 \
+        --threads 1
+    python tests/benchmarks/bench_offsite.py --phase matrix --units report --eval-rows 500 --steps 100
+
 Results go to ``docs/offsite_benchmark.json`` and are rendered to ``docs/offsite_benchmark.md`` after
 every phase, so a partial run leaves what it measured; a single phase can be redone on its own with
 ``--phase zero-shot|offsite|plug-in|full-lora``. The data is one client's Rotten Tomatoes partition
@@ -291,8 +301,11 @@ def phase_matrix(args) -> None:
     start = time.perf_counter()
     if args.units != "report":
         run(m, args.units)
-    data = {k: v for k, v in results().items() if k.startswith("matrix")}  # the matrix replaces older runs
+    old = results()
+    earlier = old.get("earlier_run") or {k: v for k, v in old.items() if not k.startswith("matrix")}
+    data = {k: v for k, v in old.items() if k.startswith("matrix")}
     data["matrix"] = summary(m)
+    data["earlier_run"] = earlier  # the single-emulator --phase all run: speed, memory and bytes
     runs = data.setdefault("matrix_runs", {})
     runs[args.units] = {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
                         "threads": args.threads, "wall_s": time.perf_counter() - start}
@@ -307,8 +320,11 @@ def render(d: dict) -> str:
         runs = d.get("matrix_runs", {})
         command = "; ".join(r["command"] for r in runs.values()) or "tests/benchmarks/bench_offsite.py --phase matrix"
         threads = next(iter(runs.values()), {}).get("threads", "?")
+        earlier = render(d["earlier_run"]).split("\n", 1)[1] if d.get("earlier_run") else ""
         return "\n".join(["# Offsite-Tuning emulator benchmark (SmolLM2-135M, Rotten Tomatoes)", "",
-                          *render_matrix(d["matrix"], command, threads), ""])
+                          *render_matrix(d["matrix"], command, threads), "",
+                          "## Earlier single-emulator run (`--phase all`; edge speed, memory and bytes, not rerun)",
+                          earlier])
     z, o, p, f = (d.get(k, {}) for k in ("zero_shot", "offsite", "plug_in", "full_lora"))
 
     def acc(v):

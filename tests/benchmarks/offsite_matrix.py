@@ -237,9 +237,15 @@ class Runner:
 
 def run(m: Matrix, which: str) -> None:
     """``which``: ``ceiling`` (zero-shot, then the ceiling's seeds), ``emulators`` (every emulator unit in
-    priority order), ``all``, or one more worker's share: ``ceiling-seeds=1,2`` (those ceiling seeds) or
+    priority order), ``all``, or one more worker's share: ``builds`` (training-free emulators' builds and
+    zero-shot only), ``ceiling-seeds=1,2`` (those ceiling seeds) or
     ``first-seeds=1,2`` (those LoRA seeds of the first emulator)."""
     r = Runner(m)
+    if which == "builds":  # every training-free emulator's build and zero-shot unit, no adapters
+        for em in m.emulators:
+            if em.spec.distill is None:
+                r.build(em)
+        return
     if "=" in which:
         kind, seeds = which.split("=")
         for seed in (int(x) for x in seeds.split(",")):
