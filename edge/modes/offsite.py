@@ -63,10 +63,17 @@ class OffsiteKit:
 
 # Measured in docs/offsite.md (SmolLM2-135M, 2-8-2, Rotten Tomatoes): layer drop alone 0.489 zero-shot, below
 # the majority class (0.593); a distilled emulator is what an adapter trained offsite can transfer from.
-UNDISTILLED_WARNING = ("[edgetune] warning: the cloud's emulator is not distilled (layer drop only: 0.489 zero-shot "
+UNDISTILLED_WARNING = ("[edgetune] warning: the cloud's emulator is uniform layer drop, not distilled (0.489 zero-shot "
                        "in docs/offsite.md, below the majority class's 0.593), so this adapter may learn little that "
                        "transfers to the full model; ask the model owner for `edgetune-cloud emulator build "
                        "--distill-data speeches`")
+
+
+def layer_drop_only(emulator_meta: dict) -> bool:
+    """Whether a bundle's emulator is uniform layer drop and nothing else: neither distilled nor fitted to the
+    model by block selection or bridges (see :mod:`emulator.offsite.select`)."""
+    return (not emulator_meta.get("distilled") and emulator_meta.get("selection", "uniform") == "uniform"
+            and not emulator_meta.get("bridge_rank"))
 
 
 def load_kit(bundle: Path, emulator_dtype: torch.dtype = torch.float32) -> OffsiteKit:
@@ -118,7 +125,7 @@ def train_offsite(cfg: TrainConfig, connect: Connect = secure_channel) -> RunMet
     eval_data = load_eval(cfg.eval, kit.tokenizer, cfg.seq_len) if cfg.eval else None
     metrics.train_rows, metrics.truncated_rows = len(train_data.examples), train_data.truncated
     metrics.extra["emulator"] = kit.bundle_meta.get("emulator", {})
-    if not metrics.extra["emulator"].get("distilled"):
+    if layer_drop_only(metrics.extra["emulator"]):
         print(UNDISTILLED_WARNING, file=sys.stderr, flush=True)
     if cfg.federated:
         meta = _federated(cfg, kit, train_data, eval_data, metrics, connect)

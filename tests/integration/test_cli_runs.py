@@ -119,9 +119,29 @@ def test_pull_never_overwrites_and_a_failed_pull_leaves_nothing(setup, split_run
     assert one_line(code, err) and "already exists" in err
 
 
-def test_offsite_warns_once_about_an_undistilled_emulator(setup, capsys):
-    code, _, err = run_main(["train", *setup["train"], "--mode", "offsite", "--out", setup["root"] / "offsite"],
-                            capsys)
+def test_offsite_warns_once_about_an_undistilled_emulator(setup, capsys, monkeypatch):
+    from edge.modes import offsite
+
+    seen = []
+
+    def layer_drop_only(meta):  # the served emulator is whatever serve's default is: warn as if it were layer drop
+        seen.append(meta)
+        return True
+
+    monkeypatch.setattr(offsite, "layer_drop_only", layer_drop_only)
+    run = setup["root"] / "offsite"
+    code, _, err = run_main(["train", *setup["train"], "--mode", "offsite", "--out", run], capsys)
     assert code == 0, err
+    assert seen == [json.loads((run / "metrics.json").read_text())["emulator"]]  # asked once, about the bundle's
     warnings = [line for line in err.splitlines() if "not distilled" in line]
-    assert len(warnings) == 1 and "emulator build" in warnings[0]
+    assert len(warnings) == 1 and "emulator build" in warnings[0], err
+
+
+def test_which_emulators_warn():
+    from edge.modes.offsite import layer_drop_only
+
+    assert layer_drop_only({"distilled": False, "selection": "uniform", "bridge_rank": 0})
+    assert layer_drop_only({"distilled": False})  # bundles from before block selection existed
+    assert not layer_drop_only({"distilled": True, "selection": "uniform"})
+    assert not layer_drop_only({"distilled": False, "selection": "importance"})
+    assert not layer_drop_only({"distilled": False, "selection": "uniform", "bridge_rank": 4})
