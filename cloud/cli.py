@@ -239,8 +239,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     existing_store(args.store)
-    if args.out.exists() or not args.out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: give a new directory in an existing one (nothing is overwritten)")
+    if args.out.exists():
+        raise UsageError(f"--out {args.out}: already exists; give a new directory (nothing is overwritten)")
     from cloud.store.registry import AdapterRegistry
     from emulator.adapters.plugin import export_merged
     from emulator.model.loading import load_causal_lm, resolve_model

@@ -416,8 +416,8 @@ def new_directory(out: Path, flag: str = "--out") -> None:
     """Refuses an existing path: pulled adapters and written models are never replaced."""
     if out.exists():
         raise UsageError(f"{flag} {out}: already exists; give a new directory (nothing is overwritten)")
-    if not out.parent.is_dir():
-        raise UsageError(f"{flag} {out}: its parent directory {out.parent} does not exist")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"{flag} {out}: a parent is not a directory; give a new directory")
 
 
 def _pull(args: argparse.Namespace) -> None:

@@ -115,7 +115,7 @@ def bad_other(f):
         "list bad cloud": ["list", "--cloud", "h:port", "--identity", f["id"]],
         "list identity missing": ["list", "--cloud", NOWHERE, "--identity", str(d / "nope")],
         "pull existing out": ["pull", *conn, "--adapter", "ad-1", "--out", str(d / "oldrun")],
-        "pull out without parent": ["pull", *conn, "--adapter", "ad-1", "--out", str(d / "no" / "parent")],
+        "pull out under a file": ["pull", *conn, "--adapter", "ad-1", "--out", str(d / "afile" / "x")],
         "pull identity not pem": ["pull", "--cloud", NOWHERE, "--identity", str(d / "notpem"), "--adapter", "a",
                                   "--out", str(d / "x")],
         "base-model unknown": ["base-model", "--model", "gpt-17", "--out", str(d / "bm")],
