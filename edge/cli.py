@@ -326,13 +326,14 @@ def _eval(args: argparse.Namespace) -> None:
 
     from edge.rpc.client import CloudClient
     from edge.training.recipes import evaluate, open_edge_session
+    from emulator.adapters.peft_names import target_leaves
     from emulator.data.datasets import load_eval, parse_eval
     from protocol.accounting import Traffic
     from protocol.channel import secure_channel
 
     parse_eval(args.data)
     config = _adapter_config(args.adapter) if args.adapter is not None else None
-    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]})) if config else ()
+    leaves = target_leaves(config["target_modules"]) if config else ()
     with secure_channel(args.cloud, args.identity) as channel:
         es = open_edge_session(CloudClient(channel), args.edge_layers, "float32", args.mode, leaves)
         model, link = _with_adapter(es, args, config, leaves)

@@ -35,6 +35,7 @@ from cloud.store.emulators import (
 )
 from cloud.store.registry import ALLOWED_FILES, AdapterRegistry, staging_dir
 from cloud.store.vault import CorruptArtifactError
+from emulator.adapters.peft_names import resolve_targets
 from emulator.adapters.plugin import check_fits
 from emulator.adapters.remote_sites import RemoteSiteError, SiteGroup, flatten, plan_remote_sites
 from emulator.model.arch import arch_for, hidden_size
@@ -184,7 +185,7 @@ class Coordinator:
 
     def _remote_sites(self, plan: SplitPlan, targets: tuple[str, ...]) -> list[SiteGroup]:
         spec = arch_for(self.model.config)
-        targets = spec.all_linear if targets == ("all",) else (targets or spec.lora_targets)
+        targets = resolve_targets(targets, spec)
         unknown = sorted(set(targets) - set(spec.all_linear))
         if unknown:
             raise InvalidArgument(f"LoRA targets {unknown} are not projections of {self.model.config.model_type} "

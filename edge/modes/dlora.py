@@ -268,7 +268,7 @@ class LoraModules:
             (b,) = self.layers[name].lora_B.parameters()
             return b
         assert self.server is not None
-        return self.server.bank.branch(self.sites[name]).lora_B.weight
+        return self.server.bank.lora_weights(self.sites[name])[1]
 
     def grad_norms(self) -> dict[str, float]:
         """``sqrt(sum ||grad||^2)`` over each module's LoRA weights, for the modules that got gradients."""

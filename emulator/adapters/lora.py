@@ -20,12 +20,12 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from emulator.adapters.peft_names import resolve_targets, saved_key, target_leaves
 from emulator.model.arch import ArchSpec
 from emulator.model.segments import full_model_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -43,9 +43,7 @@ class LoraSettings:
     targets: tuple[str, ...] = ()  # empty: the family's default from the architecture table
 
     def resolved_targets(self, spec: ArchSpec) -> tuple[str, ...]:
-        if self.targets == ("all",):
-            return spec.all_linear
-        return self.targets or spec.lora_targets
+        return resolve_targets(self.targets, spec)
 
 
 def segment_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -84,7 +82,7 @@ def adapter_state_dict(model: nn.Module, spec: ArchSpec) -> dict[str, torch.Tens
         module_path, _, leaf = name.rpartition(".lora_")  # "...q_proj", "A.default.weight"
         matrix, _adapter, kind = leaf.split(".")
         full = full_model_name(module_path + ".", spec).rstrip(".")
-        state[f"{_PEFT_PREFIX}{full}.lora_{matrix}.{kind}"] = param.detach().to(torch.float32).clone()
+        state[saved_key(full, matrix, kind)] = param.detach().to(torch.float32).clone()
     return state
 
 
@@ -129,7 +127,7 @@ def load_into_segments(model: nn.Module, state: dict[str, torch.Tensor], spec: A
         module_path, _, leaf = name.rpartition(".lora_")
         matrix, _adapter, kind = leaf.split(".")
         full = full_model_name(module_path + ".", spec).rstrip(".")
-        by_full[f"{_PEFT_PREFIX}{full}.lora_{matrix}.{kind}"] = param
+        by_full[saved_key(full, matrix, kind)] = param
     missing = sorted(set(by_full) - set(state))
     unexpected = sorted(set(state) - set(by_full))
     if missing or unexpected:
@@ -143,8 +141,7 @@ def load_into_segments(model: nn.Module, state: dict[str, torch.Tensor], spec: A
 def with_adapter(model: M, directory: Path, spec: ArchSpec) -> M:
     """A copy of segment ``model`` with LoRA injected as the PEFT adapter in ``directory`` says, loaded."""
     state, config = load_adapter_state(directory)
-    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
-    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
+    settings = LoraSettings(config["r"], config["lora_alpha"], 0.0, target_leaves(config["target_modules"]))
     adapted = add_lora(model, settings, spec)
     load_into_segments(adapted, state, spec)
     return adapted

@@ -1,9 +1,12 @@
-"""The edge's LoRA weights for cloud-held sites (dlora), in the same PEFT format as the segments'.
+"""The edge's LoRA weights for cloud-held sites (dlora), built with PEFT in PEFT's own format.
 
-A :class:`LoraBank` holds one :class:`LoraBranch` per remote site. It computes exactly what PEFT's
-LoRA layer adds to a projection, ``lora_B(lora_A(x)) * alpha / r`` (dropout 0), with PEFT's
-initialisation (``lora_A`` Kaiming-uniform like ``nn.Linear``, ``lora_B`` zero), and saves under
-PEFT's full-model names, so one adapter directory holds the edge-held and the cloud-held modules.
+A :class:`LoraBank` holds a weightless stand-in of every remote site's projection under its full-model
+name (``model.layers.5.self_attn.q_proj``) and lets PEFT inject LoRA into them
+(:func:`peft.inject_adapter_in_model`): PEFT's layers, initialisation (``lora_A`` Kaiming-uniform,
+``lora_B`` zero) and scaling ``alpha / r``. The bank computes only the LoRA branch of a site,
+``lora_B(lora_A(x)) * scaling`` (dropout 0): the frozen projection itself runs on the cloud. Its state
+is read and written with :func:`peft.get_peft_model_state_dict` / :func:`peft.set_peft_model_state_dict`,
+so one adapter directory holds the edge-held and the cloud-held modules under PEFT's saved names.
 """
 
 from __future__ import annotations
@@ -11,34 +14,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from emulator.adapters.lora import LoraSettings
+from emulator.adapters.peft_names import add_prefix, saved_module, strip_prefix
 from emulator.adapters.remote_sites import RemoteSite, SiteGroup, flatten
 
-_PEFT_PREFIX = "base_model.model."
+_ADAPTER = "default"
 
 
-class LoraBranch(nn.Module):
-    """The LoRA branch of one projection: ``(batch, seq, in)`` -> ``(batch, seq, out)``."""
-
-    def __init__(self, in_features: int, out_features: int, settings: LoraSettings) -> None:
-        super().__init__()
-        self.lora_A = nn.Linear(in_features, settings.rank, bias=False)  # noqa: N815 - PEFT's names
-        self.lora_B = nn.Linear(settings.rank, out_features, bias=False)  # noqa: N815
-        nn.init.zeros_(self.lora_B.weight)
-        self.scaling = settings.alpha / settings.rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(x)) * self.scaling
+def _stand_in(in_features: int, out_features: int) -> nn.Linear:
+    """A projection of the right shape holding no weights: one zero broadcast to ``(out, in)``, a buffer."""
+    linear = nn.Linear(1, 1, bias=False)
+    linear.in_features, linear.out_features = in_features, out_features
+    del linear.weight
+    linear.register_buffer("weight", torch.zeros(()).expand(out_features, in_features), persistent=False)
+    return linear
 
 
-def _key(site_name: str) -> str:
-    return site_name.replace(".", "/")  # module names may not contain dots
+def _place(root: nn.Module, name: str, module: nn.Module) -> None:
+    *parents, leaf = name.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(leaf, module)
 
 
 class LoraBank(nn.Module):
-    """LoRA branches of remote sites, by full-model site name.
+    """PEFT LoRA layers of remote sites, by full-model site name.
 
     Args:
         groups: the session's site groups (see :func:`emulator.adapters.remote_sites.plan_remote_sites`).
@@ -49,39 +55,55 @@ class LoraBank(nn.Module):
         super().__init__()
         self.groups = list(groups)
         self.sites = flatten(groups)
-        self.branches = nn.ModuleDict({_key(s.name): LoraBranch(s.in_features, s.out_features, settings)
-                                       for s in self.sites})
+        self.tree = nn.Module()  # the full model's module names, only the sites' projections in it
+        for site in self.sites:
+            _place(self.tree, site.name, _stand_in(site.in_features, site.out_features))
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
+                            target_modules=[site.name for site in self.sites])
+        # PEFT reads the device off the model's first parameter, and the stand-ins have none.
+        object.__setattr__(self.tree, "hf_device_map", {"": torch.device("cpu")})
+        inject_adapter_in_model(config, self.tree, adapter_name=_ADAPTER)
+        object.__delattr__(self.tree, "hf_device_map")
+        self._names = {site.name for site in self.sites}
 
-    def branch(self, site: RemoteSite) -> LoraBranch:
-        return self.branches[_key(site.name)]  # type: ignore[return-value]
+    def layer(self, site: RemoteSite) -> LoraLayer:
+        layer = self.tree.get_submodule(site.name)
+        assert isinstance(layer, LoraLayer)
+        return layer
 
     def forward(self, group: SiteGroup, x: torch.Tensor) -> torch.Tensor:
         """LoRA outputs of the group's sites, concatenated: ``(batch, seq, group.out_features)``."""
-        return torch.cat([self.branch(site)(x) for site in group.sites], dim=-1)
+        return torch.cat([self._branch(self.layer(site), x) for site in group.sites], dim=-1)
+
+    @staticmethod
+    def _branch(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        a, b = layer.lora_A[_ADAPTER], layer.lora_B[_ADAPTER]
+        return b(a(x)) * layer.scaling[_ADAPTER]
+
+    def lora_weights(self, site: RemoteSite) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(lora_A.weight (r, in), lora_B.weight (out, r))`` of a site."""
+        layer = self.layer(site)
+        a, b = layer.lora_A[_ADAPTER], layer.lora_B[_ADAPTER]
+        assert isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
+        assert isinstance(a.weight, nn.Parameter) and isinstance(b.weight, nn.Parameter)
+        return a.weight, b.weight
 
     def site_parameters(self, site: RemoteSite) -> list[nn.Parameter]:
-        return list(self.branch(site).parameters())
+        return list(self.lora_weights(site))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under PEFT's saved names (``base_model.model.<site>.lora_A.weight``)."""
-        state = {}
-        for site in self.sites:
-            branch = self.branch(site)
-            for matrix in ("lora_A", "lora_B"):
-                weight = getattr(branch, matrix).weight
-                state[f"{_PEFT_PREFIX}{site.name}.{matrix}.weight"] = weight.detach().to(torch.float32).clone()
-        return state
+        """Weights under PEFT's saved names (``base_model.model.<site>.lora_A.weight``), fp32 copies."""
+        state = get_peft_model_state_dict(self.tree, adapter_name=_ADAPTER)
+        return add_prefix({k: v.detach().to(torch.float32).clone() for k, v in state.items()})
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copies this bank's weights out of a PEFT adapter state (other keys are ignored)."""
-        with torch.no_grad():
-            for key, value in self.adapter_state_dict().items():
-                if key not in state:
-                    raise KeyError(f"adapter has no {key!r}; was it trained in dlora mode with these targets?")
-                module, matrix = key[len(_PEFT_PREFIX):].rsplit(".", 2)[:2]
-                getattr(self.branches[_key(module)], matrix).weight.copy_(state[key].to(value.dtype))
+        mine = {k: v for k, v in state.items() if self.owns(k)}
+        missing = sorted(set(self.adapter_state_dict()) - set(mine))
+        if missing:
+            raise KeyError(f"adapter has no {missing[0]!r}; was it trained in dlora mode with these targets?")
+        set_peft_model_state_dict(self.tree, strip_prefix(mine), adapter_name=_ADAPTER)
 
     def owns(self, key: str) -> bool:
         """Whether a PEFT adapter key belongs to one of this bank's sites."""
-        module = key[len(_PEFT_PREFIX):].rsplit(".", 2)[0]
-        return _key(module) in self.branches
+        return saved_module(key) in self._names

@@ -31,6 +31,7 @@ from emulator.adapters.lora import (
     load_adapter_state,
     load_into_segments,
 )
+from emulator.adapters.peft_names import saved_module, target_leaves
 from emulator.model.arch import ArchSpec, get_submodule
 from emulator.model.segments import EdgeModel, full_model_name
 
@@ -38,7 +39,6 @@ DELTA_CONFIG = "delta_config.json"
 DELTA_WEIGHTS = "delta_model.safetensors"
 DELTA_FORMAT = "edgetune-delta"
 FORMAT_FILES = {"lora": (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "delta": (DELTA_CONFIG, DELTA_WEIGHTS)}
-_PEFT_PREFIX = "base_model.model."
 
 
 def adapter_format(directory: Path) -> str:
@@ -88,8 +88,7 @@ def adapter_state(directory: Path) -> dict[str, torch.Tensor]:
 def lora_settings_of(directory: Path) -> LoraSettings:
     """The LoRA settings recorded in a PEFT ``adapter_config.json``."""
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    leaves = tuple(sorted({t.rsplit(".", 1)[-1] for t in config["target_modules"]}))
-    return LoraSettings(config["r"], config["lora_alpha"], 0.0, leaves)
+    return LoraSettings(config["r"], config["lora_alpha"], 0.0, target_leaves(config["target_modules"]))
 
 
 def apply_to_edge(edge: EdgeModel, directory: Path, spec: ArchSpec) -> EdgeModel:
@@ -125,7 +124,7 @@ def check_fits(full: PreTrainedModel, directory: Path) -> None:
                 raise ValueError(f"delta tensor {name!r} {tuple(value.shape)} has no such parameter in the model")
         return
     for name, value in state.items():
-        module_path, _, leaf = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+        module_path, leaf = saved_module(name), name.rpartition(".lora_")[2]
         module = get_submodule(full, module_path)
         if module is None or not hasattr(module, "weight") or value.dim() != 2:
             raise ValueError(f"LoRA tensor {name!r} targets no projection of the model")

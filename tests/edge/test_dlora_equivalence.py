@@ -66,9 +66,8 @@ def dlora_grads(s: Setup) -> dict[str, torch.Tensor | None]:
     """LoRA gradients under PEFT's saved names, edge-held and cloud-held."""
     grads = {k: p.grad for k, p in zip(adapter_state_dict(s.edge, s.spec), lora_parameters(s.edge).values())}
     for site in s.bank.sites:
-        branch = s.bank.branch(site)
-        for matrix in ("lora_A", "lora_B"):
-            grads[f"base_model.model.{site.name}.{matrix}.weight"] = getattr(branch, matrix).weight.grad
+        for matrix, weight in zip(("lora_A", "lora_B"), s.bank.lora_weights(site)):
+            grads[f"base_model.model.{site.name}.{matrix}.weight"] = weight.grad
     return grads
 
 

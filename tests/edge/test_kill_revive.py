@@ -10,7 +10,8 @@ from edge.modes.kill_revive import KillRevive, KillReviveConfig
 from edge.modes.split import split_step
 from edge.training.recipes import TrainConfig, _train_loop
 from emulator.adapters.lora import LoraSettings
-from emulator.adapters.lora_bank import LoraBranch
+from emulator.adapters.lora_bank import LoraBank
+from emulator.adapters.remote_sites import RemoteSite, SiteGroup
 from emulator.data.datasets import load_train
 from protocol.accounting import Traffic
 from tests.edge.test_dlora_equivalence import dlora_setup
@@ -65,10 +66,11 @@ def test_warmup_trains_everything_and_ranks_on_its_average():
 def test_lora_flops_formula_matches_the_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    branch = LoraBranch(24, 40, LoraSettings(rank=4, alpha=8))
+    group = SiteGroup(0, 0, (RemoteSite(0, "model.layers.0.mlp.up_proj", 0, "mlp.up_proj", 24, 40),))
+    bank = LoraBank([group], LoraSettings(rank=4, alpha=8))
     x = torch.randn(3, 5, 24, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        branch(x).sum().backward()
+        bank(group, x).sum().backward()
     assert counter.get_total_flops() == lora_step_flops(15, 4, 24, 40)
 
 
@@ -97,7 +99,7 @@ def tiny_train(tmp_path):
 def test_zero_gradient_module_is_killed_and_revived_when_it_becomes_useful(tiny_train, tmp_path):
     path, identity = tiny_train
     s = dlora_setup("llama")
-    torch.nn.init.zeros_(s.bank.branch(s.bank.sites[0]).lora_B.weight)
+    torch.nn.init.zeros_(s.bank.lora_weights(s.bank.sites[0])[1])
     server = SiteServer(s.bank)
     modules = LoraModules(s.edge, s.spec, server)
     target = s.bank.sites[0].name
@@ -171,7 +173,7 @@ def test_taylor_importance_is_the_loss_change_of_removing_the_update():
     taylor, grads = modules.importance("taylor"), modules.importance("grad")
     assert set(taylor) == set(grads) == set(modules.names) and grads == modules.grad_norms()
     site = s.bank.sites[0]
-    b = s.bank.branch(site).lora_B.weight
+    b = s.bank.lora_weights(site)[1]
     assert taylor[site.name] == pytest.approx(abs(float((b.grad * b).sum())))
     with_update = loss()
     predicted = float((b.grad * b).sum())
