@@ -307,8 +307,10 @@ def phase_matrix(args) -> None:
     data["matrix"] = summary(m)
     data["earlier_run"] = earlier  # the single-emulator --phase all run: speed, memory and bytes
     runs = data.setdefault("matrix_runs", {})
-    runs[args.units] = {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
-                        "threads": args.threads, "wall_s": time.perf_counter() - start}
+    runs.pop("report", None)
+    if args.units != "report":  # a worker records its command when it ends
+        runs[args.units] = {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
+                            "threads": args.threads, "wall_s": time.perf_counter() - start}
     OUT_JSON.write_text(json.dumps(data, indent=2))
     OUT_MD.write_text(render(data))
 
