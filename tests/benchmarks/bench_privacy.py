@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     p.add_argument("--json", type=Path, default=JSON, help="results file (a second process can run other settings "
                    "into its own file; --merge folds it back)")
-    p.add_argument("--merge", type=Path, nargs="*", default=[], help="fold these results files into --json, "
+    p.add_argument("--merge", type=Path, nargs="+", default=None, help="fold these results files into --json, "
                    "rewrite the table and plot, and exit")
     return p.parse_args()
 
@@ -192,7 +192,8 @@ def run_setting(b: Bench, s: Setting) -> dict:
            "strongest_attack": best.attack, "token_recovery": best.token_recovery, "row_exact": best.row_exact,
            "rouge_l": best.rouge_l, "attack_rows": best.rows, "attacks": [a.as_dict() for a in attacks],
            "label_from_gradient": label, "label_rows": n,
-           "edge_train_gflop": sum(r.edge_flops for r in records) / 1e9,
+           "edge_train_gflop": sum(r.edge_flops for r in records) / 1e9,  # the whole step: the middle is in-process
+           "edge_block_gflop_per_batch": edge_block_gflop(b.full, s.edge_layers),
            "loss_first": records[0].loss, "loss_last": sum(r.loss for r in records[-10:]) / min(10, len(records)),
            "train_s": train_s, "attack_s": attack_s}
     if s.name == SETTINGS[0].name:
@@ -222,6 +223,20 @@ def zero_shot(b: Bench) -> float:
                     "zero-shot")
 
 
+@torch.no_grad()
+def edge_block_gflop(full, edge_layers: int) -> float:
+    """Forward GFLOP of the edge's blocks (bottom and top, without the LM head, which training applies
+    to the completion positions only) for one 8 x 64 batch, by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    split = split_causal_lm(full, edge_layers)
+    ids = torch.zeros(8, 64, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        lower = split.edge.bottom(ids)
+        split.edge.top.stack(lower)
+    return counter.get_total_flops() / 1e9
+
+
 def write_markdown(results: dict) -> None:
     rows = results.get("settings", {})
     lines = ["# Privacy benchmark", "",
@@ -229,14 +244,16 @@ def write_markdown(results: dict) -> None:
              f"Config: `{json.dumps(results.get('config', {}))}`", "",
              f"Zero-shot accuracy (K=2, no adapter): {results.get('zero_shot', float('nan')):.3f}", "",
              "| setting | accuracy | strongest attack | token recovery | row exact | ROUGE-L | A0 | A1 ridge | A1 MLP "
-             "| A2 | label from gradient | edge train GFLOP |", "|" + "---|" * 12]
+             "| A2 | label from gradient | edge blocks fwd GFLOP / batch | step GFLOP, edge + in-process middle |",
+             "|" + "---|" * 13]
     for r in rows.values():
         by = {a["attack"]: a["token_recovery"] for a in r["attacks"]}
         a0 = max(by.get("A0 LM head", 0), by.get("A0 nearest embedding", 0))
         lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {r['strongest_attack']} | {r['token_recovery']:.3f} "
                      f"| {r['row_exact']:.3f} | {r['rouge_l']:.3f} | {a0:.3f} | {by.get('A1 ridge', 0):.3f} "
                      f"| {by.get('A1 MLP', 0):.3f} | {by.get('A2 white-box search', 0):.3f} "
-                     f"| {r['label_from_gradient']:.2f} | {r['edge_train_gflop']:.0f} |")
+                     f"| {r['label_from_gradient']:.2f} | {r.get('edge_block_gflop_per_batch', float('nan')):.1f} "
+                     f"| {r['edge_train_gflop'] / r['steps']:.0f} |")
     first = next(iter(rows.values()), None)
     if first and "membership" in first:
         m = first["membership"]
@@ -278,6 +295,11 @@ def merge(target: Path, parts: list[Path]) -> None:
         if other.get("config") != results.get("config"):
             raise SystemExit(f"{part}: ran with another config than {target}; rerun it with the same flags")
         results["settings"].update(other["settings"])
+    full = None
+    for row in results["settings"].values():
+        if "edge_block_gflop_per_batch" not in row:
+            full = full or load_causal_lm(resolve_model(MODEL)).requires_grad_(False)
+            row["edge_block_gflop_per_batch"] = edge_block_gflop(full, row["edge_layers"])
     order = [s.name for s in SETTINGS]
     results["settings"] = dict(sorted(results["settings"].items(), key=lambda kv: order.index(kv[0])))
     target.write_text(json.dumps(results, indent=2) + "\n")
@@ -287,7 +309,7 @@ def merge(target: Path, parts: list[Path]) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.merge:
+    if args.merge is not None:
         return merge(args.json, args.merge)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
