@@ -33,7 +33,9 @@ def identity(pki, name):
     return pki / "clients" / name
 
 
-def test_split_step_over_grpc_equals_local_step(tiny_cloud, pki, tiny_dirs):
+def test_split_step_over_grpc_equals_local_step(tiny_cloud, pki, tiny_dirs, tmp_path, monkeypatch):
+    # An empty bundle cache of this test's own: another test may have cached this bundle already.
+    monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / "cache"))
     full = load_causal_lm(tiny_dirs["llama"])
     with secure_channel(tiny_cloud.address, identity(pki, "alice")) as channel:
         client = CloudClient(channel)
