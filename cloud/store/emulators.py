@@ -335,7 +335,7 @@ def build_recipe(cfg: BuildConfig) -> StoredEmulator:
         torch.set_num_threads(cfg.threads)
     model_dir = resolve_model(cfg.model)
     model = load_causal_lm(model_dir).requires_grad_(False)
-    tokenizer = load_tokenizer(model_dir) if cfg.spec.distill is not None else None
+    tokenizer = load_tokenizer(model_dir) if cfg.spec.uses_corpus else None
     store = EmulatorStore(cfg.store)
     stored = store.build(model, cfg.model, model_fingerprint(model_dir), cfg.spec, tokenizer)
     return stored
