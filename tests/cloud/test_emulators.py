@@ -19,6 +19,15 @@ def test_cli_refuses_an_emulator_as_deep_as_the_middle(tiny_dirs, tmp_path, caps
     assert not (tmp_path / "emulators").exists() or not any((tmp_path / "emulators").iterdir())
 
 
+def test_cli_builds_the_default_emulator(tiny_dirs, tmp_path, capsys):
+    """The command serve and the demo rely on: the default (corpus-measured) construction builds."""
+    code = cloud_main(["emulator", "build", "--model", str(tiny_dirs["llama"]), "--store", str(tmp_path),
+                       "--edge-layers", "1", "--emulator-layers", "2", "--selection", "importance"])
+    assert code == 0, capsys.readouterr().err
+    stored = EmulatorStore(tmp_path).find(model_fingerprint(tiny_dirs["llama"]), 1, 2)
+    assert stored is not None and stored.meta["selection"] == "importance"
+
+
 def test_builds_are_cached_by_model_and_settings(tiny_dirs, tmp_path):
     model, fp = load_causal_lm(tiny_dirs["llama"]), model_fingerprint(tiny_dirs["llama"])
     store = EmulatorStore(tmp_path)
