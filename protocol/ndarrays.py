@@ -81,14 +81,23 @@ def array_chunks(name: str, array: np.ndarray, wire_dtype: str = "float32",
         yield TensorChunk(name, wire_dtype, shape, total, offset, data[offset:offset + chunk_bytes])
 
 
-def array_from_bytes(dtype_name: str, shape: Iterable[int], data: bytes) -> np.ndarray:
-    """Rebuilds a float32 array from wire bytes, checking the size against the shape."""
+def checked_wire_shape(dtype_name: str, shape: Iterable[int], data: bytes) -> tuple[str, tuple[int, ...]]:
+    """The canonical dtype and the shape of wire bytes, after checking that ``data`` fills ``shape`` exactly.
+
+    Shared by the numpy and the torch decoders, so both refuse the same malformed chunks.
+    """
     dtype_name, shape = wire_dtype_name(dtype_name), tuple(shape)
     if any(d < 0 for d in shape):
         raise WireFormatError(f"negative dimension in shape {shape}")
     expected = wire_nbytes(dtype_name, shape)
     if len(data) != expected:
         raise WireFormatError(f"{len(data)} bytes do not fill shape {shape} of {dtype_name} ({expected})")
+    return dtype_name, shape
+
+
+def array_from_bytes(dtype_name: str, shape: Iterable[int], data: bytes) -> np.ndarray:
+    """Rebuilds a float32 array from wire bytes, checking the size against the shape."""
+    dtype_name, shape = checked_wire_shape(dtype_name, shape, data)
     if math.prod(shape) == 0:
         return np.zeros(shape, dtype=np.float32)
     if dtype_name == "float32":

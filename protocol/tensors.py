@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from protocol.ndarrays import checked_wire_shape
 from protocol.serde import WireFormatError
 from protocol.types import FileChunk, TensorChunk
 
@@ -119,12 +120,8 @@ class TensorAssembler:
 
 def tensor_from_bytes(dtype_name: str, shape: Iterable[int], data: bytes) -> torch.Tensor:
     """Rebuilds a float32 tensor from wire bytes, checking the size against the shape."""
-    dtype, shape = _dtype(dtype_name), tuple(shape)
-    if any(d < 0 for d in shape):
-        raise WireFormatError(f"negative dimension in shape {shape}")
-    expected = wire_nbytes(dtype_name, shape)
-    if len(data) != expected:
-        raise WireFormatError(f"{len(data)} bytes do not fill shape {shape} of {dtype_name} ({expected})")
+    dtype_name, shape = checked_wire_shape(dtype_name, shape, data)
+    dtype = _dtype(dtype_name)
     if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=torch.float32)
     if dtype is not torch.int8:
