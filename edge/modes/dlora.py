@@ -167,13 +167,16 @@ class DloraMiddle:
 
 @dataclass(frozen=True)
 class _DirectExchange:
+    """Site call-outs without the wire; like the wire, the edge computes in fp32 whatever dtype the
+    middle runs in (a bf16 middle gets its answers back in bf16)."""
+
     server: SiteServer
 
     def forward(self, group: SiteGroup, x: torch.Tensor) -> torch.Tensor:
-        return self.server.forward(group.index, x)
+        return self.server.forward(group.index, x.float()).to(x.dtype)
 
     def backward(self, group: SiteGroup, grad: torch.Tensor) -> torch.Tensor:
-        return self.server.backward(group.index, grad)
+        return self.server.backward(group.index, grad.float()).to(grad.dtype)
 
 
 class LocalDloraMiddle:

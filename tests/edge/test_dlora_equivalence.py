@@ -114,3 +114,22 @@ def test_killed_module_contributes_nothing_and_gets_no_gradient(family):
             assert grad is None, key
         else:
             torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_in_process_dlora_runs_a_bf16_middle_like_the_wire():
+    """A bf16 middle (as the cloud runs it) gets its site answers computed in fp32 and back in bf16: the
+    step runs and its loss and bank gradients stay near the fp32 step's."""
+    s = dlora_setup("llama")
+    ids, labels = make_batch()
+    fp32 = split_step(s.edge, LocalDloraMiddle(s.middle, SiteServer(s.bank)), 1, ids, labels, Traffic())
+    ref = [w.grad.clone() for site in s.bank.sites for w in s.bank.lora_weights(site)]
+    s.bank.zero_grad()
+    s.edge.zero_grad()
+    half = split_step(s.edge, LocalDloraMiddle(s.middle.to(torch.bfloat16), SiteServer(s.bank)), 1, ids, labels,
+                      Traffic())
+    got = [w.grad for site in s.bank.sites for w in s.bank.lora_weights(site)]
+    assert all(g is not None and g.dtype == torch.float32 for g in got)
+    assert half.loss == pytest.approx(fp32.loss, rel=0.05)
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in got]),
+                                                torch.cat([g.flatten() for g in ref]), dim=0)
+    assert cos > 0.95
