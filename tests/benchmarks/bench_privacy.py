@@ -42,9 +42,13 @@ from prepare_rotten_tomatoes import prepare  # noqa: E402
 from cloud.audit.gradients import label_from_gradient  # noqa: E402
 from cloud.audit.membership import auc, membership_scores  # noqa: E402
 from cloud.audit.suite import AuditSettings, audit, strongest  # noqa: E402
+from edge.cli import DLORA_LR  # noqa: E402
+from edge.modes.dlora import LocalDloraMiddle, LoraModules, SiteServer  # noqa: E402
 from edge.modes.split import LocalMiddle, completion_loss, transmitted  # noqa: E402
-from edge.training.recipes import TrainConfig, evaluate, train_loop  # noqa: E402
+from edge.training.recipes import TrainConfig, _train_loop, evaluate, train_loop  # noqa: E402
 from emulator.adapters.lora import LoraSettings, add_lora  # noqa: E402
+from emulator.adapters.lora_bank import LoraBank  # noqa: E402
+from emulator.adapters.remote_sites import plan_remote_sites  # noqa: E402
 from emulator.data.datasets import IGNORE, load_eval, load_train  # noqa: E402
 from emulator.model.loading import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 from emulator.model.segments import split_causal_lm  # noqa: E402
@@ -62,11 +66,16 @@ class Setting:
     edge_layers: int
     noise: float = 0.0
     nopeek: float = 0.0
+    mode: str = "split"
 
 
 SETTINGS = [Setting("split K=2 (undefended)", 2), Setting("split K=2 + noise 0.5", 2, noise=0.5),
-            Setting("split K=2 + NoPeek 1", 2, nopeek=1.0), Setting("split K=4", 4),
-            Setting("split K=2 + noise 2", 2, noise=2.0), Setting("split K=2 + NoPeek 4", 2, nopeek=4.0)]
+            Setting("split K=4", 4),
+            Setting("split K=2 + noise 2", 2, noise=2.0), Setting("split K=2 + NoPeek 4", 2, nopeek=4.0),
+            Setting("split K=2 + noise 1", 2, noise=1.0),
+            Setting("dlora K=2 undefended (defaults)", 2, mode="dlora"),
+            Setting("dlora K=2 + noise 1", 2, noise=1.0, mode="dlora"),
+            Setting("offsite (default emulator: importance 2-8-2)", 2, mode="offsite")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -153,10 +162,16 @@ class Bench:
         (work / "identity").mkdir(exist_ok=True)
 
     def config(self, setting: Setting) -> TrainConfig:
+        """The edge's documented defaults for the setting's mode (dlora: q/v LoRA on every block, lr 1e-3,
+        warm-up min(20, steps / 10), as ``edgetune-edge train --mode dlora`` picks them)."""
+        dlora = setting.mode == "dlora"
         return TrainConfig(cloud="in-process", identity=self.work / "identity", data=self.train_path,
                            out=self.work / "run", steps=self.args.steps, edge_layers=setting.edge_layers,
-                           checkpoint_every=0, threads=self.args.threads,
-                           lora=LoraSettings(targets=("all",)),
+                           checkpoint_every=0, threads=self.args.threads, mode=setting.mode,
+                           lr=DLORA_LR if dlora else TrainConfig.lr,
+                           warmup_steps=min(TrainConfig.warmup_steps, self.args.steps // 10) if dlora
+                           else TrainConfig.warmup_steps,
+                           lora=LoraSettings(targets=() if dlora else ("all",)),
                            defence=DefenceSettings(setting.noise, setting.nopeek))
 
     def save(self) -> None:
@@ -167,13 +182,23 @@ class Bench:
 
 
 def run_setting(b: Bench, s: Setting) -> dict:
+    if s.mode == "offsite":
+        return run_offsite(b, s)
     split = split_causal_lm(b.full, s.edge_layers)
     base, middle = split.edge, split.middle.to(torch.bfloat16).requires_grad_(False)
-    cfg, link = b.config(s), LocalMiddle(middle)
+    cfg = b.config(s)
     torch.manual_seed(cfg.seed)
-    model = add_lora(base, cfg.lora, base.bottom.spec)
+    spec = base.bottom.spec
+    model = add_lora(base, cfg.lora, spec)
     t0 = time.perf_counter()
-    records = train_loop(model, link, b.train_data, b.pad_id, cfg)
+    if s.mode == "dlora":  # the cloud-held blocks' LoRA in the edge's bank, answered in-process
+        bank = LoraBank(plan_remote_sites(b.full, split.plan, cfg.lora.resolved_targets(spec)), cfg.lora)
+        server = SiteServer(bank)
+        link = LocalDloraMiddle(middle, server)
+        records, _, _ = _train_loop(model, link, LoraModules(model, spec, server), b.train_data, b.pad_id, cfg)
+    else:
+        link = LocalMiddle(middle)
+        records = train_loop(model, link, b.train_data, b.pad_id, cfg)
     train_s = time.perf_counter() - t0
     torch.manual_seed(7)  # the edge's inference noise draws
     acc = evaluate(model, link, b.eval_data, b.pad_id, 32, Traffic(), "eval", cfg.defence)
@@ -187,8 +212,9 @@ def run_setting(b: Bench, s: Setting) -> dict:
     n = b.args.grad_rows
     label = label_attack(model, base, middle, b.prompts[:n], b.answers[:n], cfg.defence, b.candidates)
     best = strongest(attacks)
-    row = {"setting": s.name, "edge_layers": s.edge_layers, "noise": s.noise, "nopeek": s.nopeek,
-           "steps": cfg.steps, "accuracy": acc, "eval_rows": len(b.prompts),
+    row = {"setting": s.name, "mode": s.mode, "edge_layers": s.edge_layers, "noise": s.noise, "nopeek": s.nopeek,
+           "steps": cfg.steps, "lr": cfg.lr, "lora_targets": list(cfg.lora.targets) or ["architecture default"],
+           "accuracy": acc, "eval_rows": len(b.prompts),
            "strongest_attack": best.attack, "token_recovery": best.token_recovery, "row_exact": best.row_exact,
            "rouge_l": best.rouge_l, "attack_rows": best.rows, "attacks": [a.as_dict() for a in attacks],
            "label_from_gradient": label, "label_rows": n,
@@ -199,6 +225,36 @@ def run_setting(b: Bench, s: Setting) -> dict:
     if s.name == SETTINGS[0].name:
         row["membership"] = membership(b, model, base, link.middle)
     return row
+
+
+def run_offsite(b: Bench, s: Setting) -> dict:
+    """Offsite with the default emulator: the adapter trains against the emulator on the edge, and the
+    owner gets only the upload. No state crosses the wire, so no inversion attack applies; what the
+    upload gives away is measured by the membership probe on the full model (plug-in)."""
+    from cloud.store.emulators import EmulatorStore, default_spec, model_fingerprint
+
+    split = split_causal_lm(b.full, s.edge_layers)
+    base, middle = split.edge, split.middle.to(torch.bfloat16).requires_grad_(False)
+    spec = default_spec(s.edge_layers, len(split.middle.layers))
+    stored = EmulatorStore(b.work / "emulators").build(b.full, MODEL, model_fingerprint(resolve_model(MODEL)), spec,
+                                                      b.tok)
+    emulator = stored.load(b.full).to(torch.bfloat16).requires_grad_(False)
+    cfg = b.config(s)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(base, cfg.lora, base.bottom.spec)
+    t0 = time.perf_counter()
+    records = train_loop(model, LocalMiddle(emulator), b.train_data, b.pad_id, cfg)
+    train_s = time.perf_counter() - t0
+    plug_in = evaluate(model, LocalMiddle(middle), b.eval_data, b.pad_id, 32, Traffic(), "plug-in")
+    return {"setting": s.name, "mode": s.mode, "edge_layers": s.edge_layers, "noise": 0.0, "nopeek": 0.0,
+            "steps": cfg.steps, "lr": cfg.lr, "lora_targets": list(cfg.lora.targets), "emulator": stored.key,
+            "emulator_blocks": stored.blocks, "accuracy": plug_in, "eval_rows": len(b.prompts),
+            "strongest_attack": "none (no state crosses the wire)", "token_recovery": 0.0, "row_exact": 0.0,
+            "rouge_l": 0.0, "attack_rows": 0, "attacks": [], "label_from_gradient": None, "label_rows": 0,
+            "edge_train_gflop": sum(r.edge_flops for r in records) / 1e9,
+            "edge_block_gflop_per_batch": edge_block_gflop(b.full, s.edge_layers),
+            "loss_first": records[0].loss, "loss_last": sum(r.loss for r in records[-10:]) / min(10, len(records)),
+            "train_s": train_s, "attack_s": 0.0, "membership": membership(b, model, base, middle)}
 
 
 def membership(b: Bench, model, base, middle) -> dict:
@@ -249,16 +305,29 @@ def write_markdown(results: dict) -> None:
     for r in rows.values():
         by = {a["attack"]: a["token_recovery"] for a in r["attacks"]}
         a0 = max(by.get("A0 LM head", 0), by.get("A0 nearest embedding", 0))
+        label = "—" if r["label_from_gradient"] is None else f"{r['label_from_gradient']:.2f}"
+        if not r["attacks"]:
+            lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {r['strongest_attack']} | — | — | — | — | — | — "
+                         f"| — | {label} | {r.get('edge_block_gflop_per_batch', float('nan')):.1f} "
+                         f"| {r['edge_train_gflop'] / r['steps']:.0f} |")
+            continue
         lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {r['strongest_attack']} | {r['token_recovery']:.3f} "
                      f"| {r['row_exact']:.3f} | {r['rouge_l']:.3f} | {a0:.3f} | {by.get('A1 ridge', 0):.3f} "
                      f"| {by.get('A1 MLP', 0):.3f} | {by.get('A2 white-box search', 0):.3f} "
-                     f"| {r['label_from_gradient']:.2f} | {r.get('edge_block_gflop_per_batch', float('nan')):.1f} "
+                     f"| {label} | {r.get('edge_block_gflop_per_batch', float('nan')):.1f} "
                      f"| {r['edge_train_gflop'] / r['steps']:.0f} |")
-    first = next(iter(rows.values()), None)
-    if first and "membership" in first:
-        m = first["membership"]
-        lines += ["", f"Membership probe on the undefended adapter ({m['rows']} trained rows vs {m['rows']} unseen "
-                  f"rows of the same file, score = loss without minus loss with the adapter): AUC {m['auc']:.3f}."]
+    probes = [r for r in rows.values() if "membership" in r]
+    if probes:
+        lines += ["", "Membership probe on the uploaded adapter (trained rows vs as many unseen rows of the same file, "
+                  "score = the row's loss on the full model without minus with the adapter; 0.5 is chance):", ""]
+        for r in probes:
+            m = r["membership"]
+            lines.append(f"- {r['setting']}: AUC {m['auc']:.3f} ({m['rows']} + {m['rows']} rows; mean loss drop "
+                         f"members {m['members_mean_drop']:.3f}, others {m['others_mean_drop']:.3f})")
+    lines += ["", "dlora sends the same bottom-cut state as split (the cloud computes every cloud-held site's input "
+              "from it, so the first site's input is a known function of that state) plus rank-r LoRA outputs and "
+              "site-input gradients: the attacks above run on the cut state, which bounds what the site traffic adds. "
+              "Offsite sends no state: its row has no inversion attack, and its accuracy is the plug-in's."]
     MD.write_text("\n".join(lines) + "\n")
 
 
@@ -272,8 +341,9 @@ def write_plot(results: dict) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"split": "o", "dlora": "s", "offsite": "^"}
     for r in rows:
-        ax.scatter(r["accuracy"], r["token_recovery"])
+        ax.scatter(r["accuracy"], r["token_recovery"], marker=markers.get(r.get("mode", "split"), "o"))
         ax.annotate(r["setting"], (r["accuracy"], r["token_recovery"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.axhline(0.10, ls="--", lw=0.8, color="grey")
@@ -331,7 +401,7 @@ def main() -> None:
             b.results["settings"][s.name] = row
             b.save()
             print(f"{s.name}: acc {row['accuracy']:.3f} {row['strongest_attack']} {row['token_recovery']:.3f} "
-                  f"label {row['label_from_gradient']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"label {row['label_from_gradient']} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
