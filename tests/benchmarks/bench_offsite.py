@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                       "report", "_train-offsite", "_train-full", "matrix"])
     p.add_argument("--units", default="all",
                    help="matrix: which units this worker runs: all, ceiling, emulators, report, ceiling-seeds=1,2 "
-                        "or first-seeds=1,2 (several workers may share --work)")
+                        "first-seeds=1,2, emulator=TEXT or queue (several workers may share --work)")
     p.add_argument("--data", type=Path, default=Path("/tmp/rt/client0"))
     p.add_argument("--store", type=Path, default=Path("/tmp/offs/store"))
     p.add_argument("--work", type=Path, default=Path("/tmp/offs/bench"))
@@ -306,11 +306,13 @@ def phase_matrix(args) -> None:
     data = {k: v for k, v in old.items() if k.startswith("matrix")}
     data["matrix"] = summary(m)
     data["earlier_run"] = earlier  # the single-emulator --phase all run: speed, memory and bytes
-    runs = data.setdefault("matrix_runs", {})
-    runs.pop("report", None)
+    # the commands behind this table: the workers that ran on this --work (a table from another --work,
+    # e.g. with another --eval-rows, is replaced, not merged)
+    runs = {k: v for k, v in data.get("matrix_runs", {}).items() if v.get("work") == str(args.work)}
+    data["matrix_runs"] = runs
     if args.units != "report":  # a worker records its command when it ends
         runs[args.units] = {"command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
-                            "threads": args.threads, "wall_s": time.perf_counter() - start}
+                            "threads": args.threads, "wall_s": time.perf_counter() - start, "work": str(args.work)}
     OUT_JSON.write_text(json.dumps(data, indent=2))
     OUT_MD.write_text(render(data))
 

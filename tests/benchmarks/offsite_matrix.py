@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ from protocol.accounting import Traffic
 
 MODEL = "smollm2-135m"
 FROZEN = torch.bfloat16
-# Paper loss (1 x LM + 30 x normalised MSE at the emulator's output), 40 steps of 8 x 64 tokens.
-PAPER_KD = DistillSettings(steps=40, lr=5e-4, batch_size=8, seq_len=64, hidden_weight=30.0, warmup_steps=10)
+# Paper loss (1 x LM + 30 x normalised MSE at the emulator's output), 100 steps of 8 x 64 tokens.
+PAPER_KD = DistillSettings(steps=100, lr=5e-4, batch_size=8, seq_len=64, hidden_weight=30.0, warmup_steps=10)
+# The same loss on a longer schedule: 300 steps of 8 x 64 tokens (154k tokens of the cloud's speeches).
+PAPER_KD_LONG = DistillSettings(steps=300, lr=5e-4, batch_size=8, seq_len=64, hidden_weight=30.0, warmup_steps=20)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,13 @@ class Emulator:
     name: str
     spec: EmulatorSpec
     seeds: tuple[int, ...] = (0,)
-    adapters: tuple[str, ...] = ("lora",)  # "lora" and/or "full" (seed 0 only for "full")
+    # "lora" (both adapter ends), "lora-top" / "lora-bottom" (only that end's LoRA trained), "full";
+    # every seed for "lora" and "lora-top", seed 0 only for the others
+    adapters: tuple[str, ...] = ("lora",)
+
+
+TUNES = ("lora", "lora-top", "lora-bottom", "full")
+SEEDED = ("lora", "lora-top")
 
 
 @dataclass
@@ -61,24 +70,28 @@ class Matrix:
 def default_emulators() -> list[Emulator]:
     """The constructions measured (the first is the one given every seed and both adapter kinds)."""
     return [
-        Emulator("importance 2-8-2", EmulatorSpec(2, 8, selection="importance"), (0, 1, 2), ("lora", "full")),
+        Emulator("importance 2-8-2", EmulatorSpec(2, 8, selection="importance"), (0, 1, 2),
+                 ("lora", "lora-top", "lora-bottom", "full")),
         Emulator("CRaSh 2-8-2", EmulatorSpec(2, 8, selection="crash")),
         Emulator("CRaSh 3-8-3 (3+3 adapter blocks)", EmulatorSpec(3, 8, selection="crash")),
         Emulator("uniform 2-8-2 (layer drop)", EmulatorSpec(2, 8)),
-        Emulator("importance+bridges 2-8-2, paper KD loss", EmulatorSpec(2, 8, distill=PAPER_KD, selection="importance",
-                                                                         bridge_rank=288)),
+        Emulator("importance+bridges 2-8-2, paper KD 100 steps",
+                 EmulatorSpec(2, 8, distill=PAPER_KD, selection="importance", bridge_rank=288)),
         Emulator("importance 2-13-2", EmulatorSpec(2, 13, selection="importance")),
+        Emulator("importance 2-8-2, paper KD 300 steps", EmulatorSpec(2, 8, distill=PAPER_KD_LONG,
+                                                                       selection="importance")),
     ]
 
 
 def unit_order(emulators: list[Emulator]) -> list[tuple[Emulator, str, int]]:
-    """(emulator, adapter kind, seed) in the order they run: seed 0 of the first two constructions (the
-    candidates for the default), then the first one's other seeds and its full tuning, then the rest."""
+    """(emulator, adapter kind, seed) in the order they run: the first construction's seeded kinds seed by
+    seed, then its other kinds, then the other constructions."""
     first, rest = emulators[0], emulators[1:]
-    order = [(first, "lora", 0)] + [(rest[0], "lora", 0)] if rest else [(first, "lora", 0)]
-    order += [(first, "lora", s) for s in first.seeds[1:]] + [(first, t, first.seeds[0]) for t in first.adapters[1:]]
+    order = [(first, t, first.seeds[0]) for t in first.adapters if t in SEEDED]
+    order += [(first, t, s) for s in first.seeds[1:] for t in first.adapters if t in SEEDED]
+    order += [(first, t, first.seeds[0]) for t in first.adapters if t not in SEEDED]
     for em in rest:
-        order += [(em, t, s) for t in em.adapters for s in (em.seeds if t == "lora" else em.seeds[:1])]
+        order += [(em, t, s) for t in em.adapters for s in (em.seeds if t in SEEDED else em.seeds[:1])]
     seen: set[tuple[str, str, int]] = set()
     return [u for u in order if (u[0].name, u[1], u[2]) not in seen and not seen.add((u[0].name, u[1], u[2]))]
 
@@ -93,6 +106,14 @@ class Units:
     def __init__(self, work: Path) -> None:
         self.root = work / "units"
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, name: str) -> bool:
+        """Whether this worker takes the unit (atomically: the first worker to ask gets it)."""
+        try:
+            os.close(os.open(self.root / f"{slug(name)}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
 
     def get(self, name: str) -> dict | None:
         path = self.root / f"{slug(name)}.json"
@@ -137,14 +158,17 @@ def mcnemar(a: str, b: str) -> float:
 
 
 def train_edge(edge, middle, data, pad_id: int, tune: str, steps: int, seed: int):
-    """``steps`` steps of the edge's adapter (LoRA r=8 on all projections, lr 2e-4; or the adapter blocks'
-    full weights, lr 5e-5) against ``middle``; batch 8, constant lr after 10% warm-up. Returns the model."""
+    """``steps`` steps of the edge's adapter (LoRA r=8 on all projections, lr 2e-4; ``lora-top`` /
+    ``lora-bottom`` step only the top / bottom blocks' LoRA, the other end keeps B = 0; or the adapter
+    blocks' full weights, lr 5e-5) against ``middle``; batch 8, constant lr after 10% warm-up."""
     from transformers import get_scheduler
 
     torch.manual_seed(seed)
-    if tune == "lora":
+    if tune.startswith("lora"):
         model = add_lora(edge, LoraSettings(8, 16, 0.0, ("all",)), edge.bottom.spec)
-        params, lr = list(lora_parameters(model).values()), 2e-4
+        end = tune.removeprefix("lora").removeprefix("-")
+        params = [p for n, p in lora_parameters(model).items() if not end or n.startswith(end + ".")]
+        lr = 2e-4
     else:
         model = copy.deepcopy(edge).requires_grad_(False)
         params, lr = list(block_parameters(model).values()), 5e-5
@@ -208,7 +232,7 @@ class Runner:
         name = f"build {em.name}"
         t0 = time.perf_counter()
         stored = store.build(self.model, MODEL, model_fingerprint(self.model_dir), em.spec, self.tok)
-        if self.units.get(name) is None:
+        if self.units.get(name) is None and self.units.claim(name):  # one worker evaluates it
             emulator = stored.load(self.model)
             middle = split_causal_lm(self.model, em.spec.edge_layers).middle
             edge, _ = self.split(em.spec.edge_layers)
@@ -237,14 +261,44 @@ class Runner:
 
 def run(m: Matrix, which: str) -> None:
     """``which``: ``ceiling`` (zero-shot, then the ceiling's seeds), ``emulators`` (every emulator unit in
-    priority order), ``all``, or one more worker's share: ``builds`` (training-free emulators' builds and
-    zero-shot only), ``ceiling-seeds=1,2`` (those ceiling seeds) or
+    priority order), ``all``, ``queue`` (every unit, in priority order, shared by any number of workers
+    started with ``queue`` on the same ``--work``), or one more worker's share: ``builds`` (training-free
+    emulators' builds and zero-shot only), ``emulator=TEXT`` (the units of the constructions whose name holds TEXT),
+    ``ceiling-seeds=1,2`` (those ceiling seeds) or
     ``first-seeds=1,2`` (those LoRA seeds of the first emulator)."""
     r = Runner(m)
     if which == "builds":  # every training-free emulator's build and zero-shot unit, no adapters
         for em in m.emulators:
             if em.spec.distill is None:
                 r.build(em)
+        return
+    if which == "queue":  # every unit in priority order; several workers share the queue by claiming units
+        queue: list[tuple[str, object]] = [("zero-shot", None)]
+        ceilings = [(f"ceiling K=2 seed {s}", s) for s in m.seeds]
+        units = [(f"{em.name} | {t} | seed {s}", (em, t, s)) for em, t, s in unit_order(m.emulators)]
+        per_seed = len([t for t in m.emulators[0].adapters if t in SEEDED])
+        for i, ceiling in enumerate(ceilings):  # each ceiling seed beside the default's units of that seed
+            queue += [ceiling] + units[i * per_seed:(i + 1) * per_seed]
+        queue += units[len(ceilings) * per_seed:] + [(f"build {em.name}", em) for em in m.emulators]
+        for name, what in queue:
+            if r.units.get(name) is not None or not r.units.claim(name):
+                continue
+            if name == "zero-shot":
+                r.zero_shot()
+            elif name.startswith("ceiling"):
+                r.ceiling(what)  # type: ignore[arg-type]
+            elif name.startswith("build "):
+                r.build(what)  # type: ignore[arg-type]
+            else:
+                em, t, s = what  # type: ignore[misc]
+                r.build(em)
+                r.adapter(em, t, s)
+        return
+    if which.startswith("emulator="):  # one construction's units, by its name (e.g. emulator=paper KD 300)
+        wanted = which.split("=", 1)[1]
+        for em, tune, seed in unit_order([e for e in m.emulators if wanted in e.name]):
+            r.build(em)
+            r.adapter(em, tune, seed)
         return
     if "=" in which:
         kind, seeds = which.split("=")
@@ -293,7 +347,7 @@ def summary(m: Matrix) -> dict:
                "unique_share": b["unique_share"], "blocks": b["blocks"], "order": b["order"],
                "kd_before": b["kd_before"], "kd_after": b["kd_after"], "emulator_zero_shot": cell(b["correct"]),
                "adapters": []}
-        for tune in ("lora", "full"):
+        for tune in TUNES:
             for seed in m.seeds:
                 u = units.get(f"{em.name} | {tune} | seed {seed}")
                 if u:
