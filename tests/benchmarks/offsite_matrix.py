@@ -68,7 +68,7 @@ class Matrix:
 
 
 def default_emulators() -> list[Emulator]:
-    """The constructions measured (the first is the one given every seed and both adapter kinds)."""
+    """The constructions measured (the first is the one given every seed and every adapter kind)."""
     return [
         Emulator("importance 2-8-2", EmulatorSpec(2, 8, selection="importance"), (0, 1, 2),
                  ("lora", "lora-top", "lora-bottom", "full")),
@@ -281,7 +281,8 @@ def run(m: Matrix, which: str) -> None:
             queue += [ceiling] + units[i * per_seed:(i + 1) * per_seed]
         queue += units[len(ceilings) * per_seed:] + [(f"build {em.name}", em) for em in m.emulators]
         for name, what in queue:
-            if r.units.get(name) is not None or not r.units.claim(name):
+            # a build unit is claimed inside Runner.build (an adapter unit may build it first)
+            if r.units.get(name) is not None or (not name.startswith("build ") and not r.units.claim(name)):
                 continue
             if name == "zero-shot":
                 r.zero_shot()
