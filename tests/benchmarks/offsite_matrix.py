@@ -274,8 +274,9 @@ def run(m: Matrix, which: str) -> None:
         return
     if which == "queue":  # every unit in priority order; several workers share the queue by claiming units
         queue: list[tuple[str, object]] = [("zero-shot", None)]
-        ceilings = [(f"ceiling K=2 seed {s}", s) for s in m.seeds]
-        units = [(f"{em.name} | {t} | seed {s}", (em, t, s)) for em, t, s in unit_order(m.emulators)]
+        ceilings: list[tuple[str, object]] = [(f"ceiling K=2 seed {s}", s) for s in m.seeds]
+        units: list[tuple[str, object]] = [(f"{em.name} | {t} | seed {s}", (em, t, s))
+                                           for em, t, s in unit_order(m.emulators)]
         per_seed = len([t for t in m.emulators[0].adapters if t in SEEDED])
         for i, ceiling in enumerate(ceilings):  # each ceiling seed beside the default's units of that seed
             queue += [ceiling] + units[i * per_seed:(i + 1) * per_seed]
@@ -291,9 +292,10 @@ def run(m: Matrix, which: str) -> None:
             elif name.startswith("build "):
                 r.build(what)  # type: ignore[arg-type]
             else:
-                em, t, s = what  # type: ignore[misc]
-                r.build(em)
-                r.adapter(em, t, s)
+                assert isinstance(what, tuple)
+                emulator, tune, seed = what
+                r.build(emulator)
+                r.adapter(emulator, tune, seed)
         return
     if which.startswith("emulator="):  # one construction's units, by its name (e.g. emulator=paper KD 300)
         wanted = which.split("=", 1)[1]
