@@ -23,7 +23,7 @@ from protocol.fileio import publish_directory
 # LoraSettings, DefenceSettings: all in torch-importing modules) also hold are restated here;
 # tests/edge/test_cli.py fails if the two ever disagree.
 MODES = ("split", "dlora", "offsite")
-TUNES = ("lora", "full")
+TUNES = ("lora", "lora-top", "full")
 WIRE_CHOICES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16", "int8")
 COMPUTE_CHOICES = ("float32", "bfloat16")
 TRAIN_DEFAULTS: dict[str, Any] = {"steps": 200, "batch_size": 8, "seq_len": 64, "lr": 2e-4, "warmup_steps": 20,
@@ -116,7 +116,9 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
                    help="split: LoRA on the edge-held blocks, the cloud runs the middle every step; dlora: LoRA "
                         "on every block, all kept on the edge; offsite: train offline against an emulator")
     t.add_argument("--tune", default="lora", choices=TUNES,
-                   help="offsite: LoRA on the adapter blocks, or full tuning of the adapter blocks")
+                   help="offsite: LoRA on the adapter blocks; lora-top: LoRA on the top adapter blocks only "
+                        "(no backward through the emulator; in docs/offsite.md the only variant whose plug-in "
+                        "never fell below zero-shot); full: full tuning of the adapter blocks")
     t.add_argument("--emulator-layers", type=int, default=0, help="offsite: emulator depth E (0: the cloud's)")
     t.add_argument("--emulator-dtype", default="float32", choices=COMPUTE_CHOICES,
                    help="offsite: dtype the frozen emulator runs in (bfloat16: half its memory, faster on CPUs "

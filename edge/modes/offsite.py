@@ -94,11 +94,17 @@ def download(cfg: TrainConfig, connect: Connect, traffic: Traffic) -> OffsiteKit
 
 
 def trainable(kit: OffsiteKit, cfg: TrainConfig) -> tuple[EdgeModel, list[torch.nn.Parameter]]:
-    """The model to train and its trainable parameters: LoRA (default) or the adapter blocks' weights."""
+    """The model to train and its trainable parameters: LoRA (default), LoRA of the top blocks only (the
+    bottom blocks' LoRA stays zero and frozen, so the adapter keeps the usual format), or the adapter
+    blocks' weights."""
     torch.manual_seed(cfg.seed)
-    if cfg.tune == "lora":
+    if cfg.tune in ("lora", "lora-top"):
         model = cast(EdgeModel, add_lora(kit.edge, cfg.lora, kit.spec))
-        return model, list(lora_parameters(model).values())
+        lora = lora_parameters(model)
+        if cfg.tune == "lora-top":
+            for name, param in lora.items():
+                param.requires_grad_(name.startswith("top."))
+        return model, [p for p in lora.values() if p.requires_grad]
     model = copy.deepcopy(kit.edge).requires_grad_(False)
     params = list(block_parameters(model).values())
     for p in params:
@@ -108,7 +114,7 @@ def trainable(kit: OffsiteKit, cfg: TrainConfig) -> tuple[EdgeModel, list[torch.
 
 def save_trained(model: EdgeModel, kit: OffsiteKit, cfg: TrainConfig, directory: Path) -> Path:
     """Writes the adapter: PEFT LoRA, or the adapter blocks' delta for ``--tune full``."""
-    if cfg.tune == "lora":
+    if cfg.tune != "full":
         save_adapter(directory, adapter_state_dict(model, kit.spec), peft_config(model, cfg.lora, kit.spec,
                                                                                  kit.model_name))
     else:

@@ -116,15 +116,19 @@ def split_step(model: EdgeModel, link: MiddleLink, step: int, input_ids: torch.T
                traffic: Traffic, defence: DefenceSettings | None = None) -> StepOutput:
     """One training step's forward and backward (the caller steps the optimizer).
 
-    Two round trips: hidden up / hidden down, then gradient up / gradient down. With a defence the
+    Two round trips: hidden up / hidden down, then gradient up / gradient down (one round trip and no
+    middle backward when the bottom blocks have nothing to train). With a defence the
     state sent up is noised (the noise is additive, so the returned gradient applies unchanged) and
     NoPeek's penalty joins the gradient of the edge's bottom blocks.
     """
     lower = model.bottom(input_ids)
-    upper, compute_up = link.forward(step, transmitted(lower, defence).detach(), True, traffic)
-    upper.requires_grad_(True)
+    below = lower.requires_grad  # False when nothing below the top cut trains (offsite --tune lora-top)
+    upper, compute_up = link.forward(step, transmitted(lower, defence).detach(), below, traffic)
+    upper.requires_grad_(below)
     loss = completion_loss(model, upper, labels)
     loss.backward()
+    if not below:  # no gradient to send down: the middle runs forward only
+        return StepOutput(loss.item(), compute_up)
     assert upper.grad is not None
     grad_lower, compute_down = link.backward(step, upper.grad, traffic)
     if defence is not None and defence.nopeek > 0:

@@ -41,7 +41,7 @@ from protocol.retry import Backoff, retry
 from protocol.tensors import WIRE_ALIASES, WIRE_DTYPES
 from protocol.types import MODES, AdapterMeta, SessionInfo
 
-TUNES = ("lora", "full")
+TUNES = ("lora", "lora-top", "full")
 WIRE_CHOICES = (*WIRE_ALIASES, *WIRE_DTYPES)
 
 
@@ -79,7 +79,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints in RUN/checkpoint (0: none)
     resume: bool = False  # continue from RUN/checkpoint
     retries: int = 8  # attempts per step when the cloud is unreachable (capped, jittered backoff)
-    tune: str = "lora"  # offsite: "lora" (LoRA on the adapter blocks) or "full" (the adapter blocks' weights)
+    # offsite: "lora" (LoRA on the adapter blocks), "lora-top" (LoRA on the top adapter blocks only; the bottom
+    # blocks' LoRA stays zero) or "full" (the adapter blocks' weights)
+    tune: str = "lora"
     emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
     emulator_dtype: str = "float32"  # offsite: dtype the frozen emulator runs in (float32 or bfloat16)
     federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
@@ -100,11 +102,12 @@ class TrainConfig:
             problems.append(f"--tune {self.tune!r}: choose one of {', '.join(TUNES)}")
         if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers
                                        or self.emulator_dtype != "float32"):
-            problems.append("--tune full, --federated, --emulator-layers and --emulator-dtype need --mode offsite")
+            problems.append(f"--tune {self.tune}, --federated, --emulator-layers and --emulator-dtype need "
+                            "--mode offsite")
         if self.emulator_dtype not in COMPUTE_DTYPES:
             problems.append(f"--emulator-dtype {self.emulator_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
         if self.federated and self.tune != "lora":
-            problems.append("--federated rounds average LoRA adapters; drop --tune full")
+            problems.append(f"--federated rounds average LoRA on both adapter ends; drop --tune {self.tune}")
         for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
                             ("--lora-rank", self.lora.rank), ("--eval-batch", self.eval_batch)):
             if value < 1:

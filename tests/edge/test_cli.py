@@ -93,6 +93,8 @@ def bad_train(f):
         "kr outside dlora": [*base, *out, "--kr-budget", "0.5"],
         "kr budget above one": [*base, *out, "--mode", "dlora", "--kr-budget", "1.5"],
         "tune full outside offsite": [*base, *out, "--tune", "full"],
+        "tune lora-top outside offsite": [*base, *out, "--tune", "lora-top"],
+        "lora-top in federated rounds": [*base, *out, "--mode", "offsite", "--tune", "lora-top", "--federated"],
         "bad wire dtype": [*base, *out, "--wire-dtype", "int4"],
     }
 

@@ -79,3 +79,30 @@ def test_a_bf16_middle_tracks_the_fp32_step(family):
     for name, p in lora_parameters(edge).items():
         assert p.grad.dtype is torch.float32
         assert float((p.grad - want[name]).norm() / want[name].norm()) < 0.1, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_step_with_a_frozen_bottom_matches_the_top_gradients_and_skips_the_middle_backward(family):
+    """offsite --tune lora-top: the bottom blocks' LoRA is frozen, so the step runs the middle forward only,
+    and the top blocks' LoRA gets exactly the gradients of the PEFT step on the whole model."""
+    ref, edge, middle, spec = reference_and_split(family)
+    ids, labels = make_batch()
+    ref(input_ids=ids, labels=labels).loss.backward()
+    for name, param in lora_parameters(edge).items():
+        param.requires_grad_(name.startswith("top."))
+    link = LocalMiddle(middle)
+    backward_calls = []
+    link.backward = lambda *a: backward_calls.append(a)  # type: ignore[method-assign]
+    split_step(edge, link, 1, ids, labels, Traffic())
+    assert backward_calls == []
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    named = lora_parameters(edge)
+    checked = 0
+    for (name, param), key in zip(named.items(), adapter_state_dict(edge, spec)):
+        if name.startswith("top."):
+            ref_key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            torch.testing.assert_close(param.grad, ref_grads[ref_key], rtol=1e-4, atol=1e-6)
+            checked += 1
+        else:
+            assert param.grad is None, name
+    assert 0 < checked < len(named)

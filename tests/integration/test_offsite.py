@@ -108,7 +108,7 @@ class _Counter(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercept
         return self._responses(continuation(details, self._requests(requests)))
 
 
-@pytest.mark.parametrize("tune", ["lora", "full"])
+@pytest.mark.parametrize("tune", ["lora", "lora-top", "full"])
 def test_offline_training_sends_nothing_between_download_and_upload(offsite_cloud, pki, tiny_dirs, tmp_path, tune,
                                                                     monkeypatch):
     monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / "cache"))  # a device that has not downloaded it yet
@@ -146,6 +146,15 @@ def test_offline_training_sends_nothing_between_download_and_upload(offsite_clou
         merged = plug_in(full, pulled)(ids).logits
         base = full(ids).logits
     assert not torch.allclose(merged, base)
+    if tune == "lora-top":  # the usual LoRA format; the bottom blocks' B stayed zero, the top blocks' moved
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for name, value in adapter_state(pulled).items():
+            if ".lora_B." in name:
+                by_layer.setdefault(int(name.split(".layers.")[1].split(".")[0]), []).append(value)
+        moved = {layer: any(bool(v.abs().sum() > 0) for v in values) for layer, values in by_layer.items()}
+        layers = sorted(moved)
+        k = len(layers) // 2
+        assert [moved[i] for i in layers] == [False] * k + [True] * k, moved
 
 
 def run_edge(args, timeout=300):
