@@ -220,6 +220,15 @@ class LoraModules:
         self.sites = {site.name: site for site in server.bank.sites} if server is not None else {}
         self.names = [*self.layers, *self.sites]
 
+    def only(self, params: Sequence[torch.nn.Parameter]) -> LoraModules:
+        """These modules without the edge-held layers that have a weight outside ``params``: a frozen
+        layer is never switched on or off (PEFT's switch would make its weights trainable again)."""
+        training = {id(p) for p in params}
+        self.layers = {n: layer for n, layer in self.layers.items()
+                       if all(id(p) in training for p in self.parameters(n))}
+        self.names = [*self.layers, *self.sites]
+        return self
+
     def placement(self, name: str) -> str:
         return "edge" if name in self.layers else "cloud"
 

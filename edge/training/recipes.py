@@ -291,6 +291,8 @@ def train_loop(model: EdgeModel, link: MiddleLink, data: Dataset, pad_id: int, c
     """``cfg.steps`` optimizer steps of ``params`` (default: the LoRA parameters) through ``link``,
     with checkpoints and ``--resume`` like every mode (offsite uses it with its local emulator)."""
     modules = LoraModules(model, model.bottom.spec)
+    if params is not None:  # e.g. offsite --tune lora-top: the frozen bottom LoRA stays frozen
+        modules.only(params)
     named = {f"param#{i}": p for i, p in enumerate(params)} if params is not None else None
     records, _, _ = _train_loop(model, link, modules, data, pad_id, cfg, named=named)
     return records

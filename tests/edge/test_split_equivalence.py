@@ -106,3 +106,37 @@ def test_a_step_with_a_frozen_bottom_matches_the_top_gradients_and_skips_the_mid
         else:
             assert param.grad is None, name
     assert 0 < checked < len(named)
+
+
+def test_training_only_the_top_lora_through_the_training_loop_keeps_the_bottom_frozen(tmp_path):
+    """The recipe's loop (which switches LoRA modules on every step) leaves a frozen bottom frozen: its B
+    stays zero, the top's moves, and the middle never runs a backward."""
+    import json
+
+    from edge.training.recipes import TrainConfig, train_loop
+    from emulator.data.datasets import load_train
+    from tests.tiny_models import tiny_tokenizer
+
+    rows = [{"prompt": f"Review: {'good' if i % 2 else 'bad'} {i}\nSentiment:",
+             "completion": " positive" if i % 2 else " negative"} for i in range(16)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "identity").mkdir()
+    model = tiny_model("llama")
+    split = split_causal_lm(model, 2)
+    edge = add_lora(split.edge, LoraSettings(rank=4, alpha=8), arch_for(model.config))
+    lora = lora_parameters(edge)
+    for name, param in lora.items():
+        param.requires_grad_(name.startswith("top."))
+    top = [p for n, p in lora.items() if n.startswith("top.")]
+    link = LocalMiddle(split.middle)
+    backward_calls = []
+    link.backward = lambda *a: backward_calls.append(a)  # type: ignore[method-assign]
+    cfg = TrainConfig(cloud="-", identity=tmp_path / "identity", data=path, out=tmp_path / "run", mode="offsite",
+                      tune="lora-top", steps=3, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=0,
+                      checkpoint_every=0)
+    train_loop(edge, link, load_train(path, tiny_tokenizer(), 32), 0, cfg, top)
+    assert backward_calls == []
+    b = {n: p for n, p in lora.items() if ".lora_B." in n}
+    assert all(not p.requires_grad and p.abs().sum() == 0 for n, p in b.items() if n.startswith("bottom."))
+    assert any(p.abs().sum() > 0 for n, p in b.items() if n.startswith("top."))
