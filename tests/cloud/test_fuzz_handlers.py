@@ -112,6 +112,9 @@ def dlora_step_matches_reference(coordinator, session):
     model = coordinator.model
     plan = plan_for(model.config, 2)
     groups = plan_remote_sites(model, plan, arch_for(model.config).lora_targets)
+    # LoRA A's initialisation draws from the global generator: seeded, so that the bank (and the size of
+    # the float rounding the tolerances below allow for) does not depend on what the fuzzing drew before
+    torch.manual_seed(0)
     bank = LoraBank(groups, LoraSettings())
     with torch.no_grad():
         for name, param in bank.named_parameters():
@@ -129,7 +132,9 @@ def dlora_step_matches_reference(coordinator, session):
     torch.testing.assert_close(got[Phase.GRADIENT], want_grad, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(bank.named_parameters(), reference_bank.parameters()):
         assert p.grad is not None and q.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # the two paths sum in different orders: fp32 rounding, about 1e-7 of the gradient's largest value
+        # (a dropped or mis-scaled site moves these by 1e-2 and more)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6 * float(q.grad.abs().max()), msg=name)
     assert (want_out - link.runner.forward("plain", 0, hidden, False)[0]).abs().max() > 1e-3  # the sites mattered
 
 
