@@ -102,7 +102,7 @@ class TrainConfig:
             problems.append(f"--tune {self.tune!r}: choose one of {', '.join(TUNES)}")
         if self.mode != "offsite" and (self.tune != "lora" or self.federated or self.emulator_layers
                                        or self.emulator_dtype != "float32"):
-            problems.append(f"--tune {self.tune}, --federated, --emulator-layers and --emulator-dtype need "
+            problems.append("--tune lora-top/full, --federated, --emulator-layers and --emulator-dtype need "
                             "--mode offsite")
         if self.emulator_dtype not in COMPUTE_DTYPES:
             problems.append(f"--emulator-dtype {self.emulator_dtype!r}: choose from {', '.join(COMPUTE_DTYPES)}")
