@@ -115,10 +115,11 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
     t.add_argument("--mode", default="split", choices=MODES,
                    help="split: LoRA on the edge-held blocks, the cloud runs the middle every step; dlora: LoRA "
                         "on every block, all kept on the edge; offsite: train offline against an emulator")
-    t.add_argument("--tune", default="lora", choices=TUNES,
-                   help="offsite: LoRA on the adapter blocks; lora-top: LoRA on the top adapter blocks only "
-                        "(no backward through the emulator; in docs/offsite.md the only variant whose plug-in "
-                        "never fell below zero-shot); full: full tuning of the adapter blocks")
+    t.add_argument("--tune", default="", choices=TUNES,
+                   help="offsite: lora-top (default): LoRA on the top adapter blocks only (no backward through "
+                        "the emulator; in docs/offsite.md the best plug-in and the only variant that never fell "
+                        "below zero-shot); lora: LoRA on both adapter ends (the default of --federated rounds); "
+                        "full: full tuning of the adapter blocks")
     t.add_argument("--emulator-layers", type=int, default=0, help="offsite: emulator depth E (0: the cloud's)")
     t.add_argument("--emulator-dtype", default="float32", choices=COMPUTE_CHOICES,
                    help="offsite: dtype the frozen emulator runs in (bfloat16: half its memory, faster on CPUs "

@@ -49,6 +49,11 @@ class ConfigError(ValueError):
     """Invalid training settings; lists every problem at once."""
 
 
+def default_tune(mode: str, federated: bool) -> str:
+    """What ``--tune`` means when it is not given (see ``TrainConfig.tune``)."""
+    return "lora-top" if mode == "offsite" and not federated else "lora"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of ``edgetune-edge train``, validated at construction."""
@@ -80,8 +85,10 @@ class TrainConfig:
     resume: bool = False  # continue from RUN/checkpoint
     retries: int = 8  # attempts per step when the cloud is unreachable (capped, jittered backoff)
     # offsite: "lora" (LoRA on the adapter blocks), "lora-top" (LoRA on the top adapter blocks only; the bottom
-    # blocks' LoRA stays zero) or "full" (the adapter blocks' weights)
-    tune: str = "lora"
+    # blocks' LoRA stays zero) or "full" (the adapter blocks' weights). Empty: the mode's default, "lora-top"
+    # for a single offsite run (the best plug-in of docs/offsite_benchmark.md, and the fastest), "lora" otherwise
+    # (split, dlora and FedAvg rounds, which average LoRA on both adapter ends)
+    tune: str = ""
     emulator_layers: int = 0  # offsite: emulator depth E (0: the cloud's default)
     emulator_dtype: str = "float32"  # offsite: dtype the frozen emulator runs in (float32 or bfloat16)
     federated: bool = False  # offsite: join the cloud's FedAvg job instead of a single run
@@ -89,6 +96,8 @@ class TrainConfig:
     defence: DefenceSettings = field(default_factory=DefenceSettings)
 
     def __post_init__(self) -> None:
+        if not self.tune:
+            object.__setattr__(self, "tune", default_tune(self.mode, self.federated))
         problems = []
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
@@ -338,9 +347,9 @@ def _train_loop(model: EdgeModel, link: MiddleLink, modules: LoraModules, data: 
             optimizer.zero_grad(set_to_none=True)
             wall = time.perf_counter() - t0
             tokens = int(input_ids.numel())
+            sites = max(traffic.round_trips - 2, 0)  # offsite's local emulator makes no round trip at all
             records.append(StepRecord(step, out.loss, tokens, flops.last, out.compute_s, wall, traffic,
-                                      len(plan.active), traffic.round_trips - 2, tally.add(plan.active, tokens),
-                                      plan.probe))
+                                      len(plan.active), sites, tally.add(plan.active, tokens), plan.probe))
             bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tokens / wall:.0f}", active=len(plan.active))
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_checkpoint(cfg.out, named, optimizer, scheduler, Checkpoint(

@@ -203,6 +203,19 @@ def test_dlora_defaults_fit_short_runs(files):
             cfg("--mode", "dlora", "--lr", "5e-4", "--warmup-steps", "7").warmup_steps) == (5e-4, 7)
 
 
+def test_offsite_trains_the_top_lora_by_default_and_federated_rounds_both_ends(files):
+    def tune(*extra):
+        args = cli.build_parser().parse_args(["train", "--cloud", NOWHERE, "--identity", files["id"], "--data",
+                                              files["train"], "--out", str(files["dir"] / "x"), *extra])
+        return cli._train_config(args, args.out, ()).tune
+
+    # docs/offsite_benchmark.md: lora-top has the best mean plug-in and the fastest, leanest edge run
+    assert tune("--mode", "offsite") == "lora-top"
+    assert tune("--mode", "offsite", "--federated") == "lora"  # FedAvg averages both adapter ends
+    assert tune("--mode", "offsite", "--tune", "lora") == "lora"
+    assert tune("--mode", "split") == tune("--mode", "dlora") == "lora"
+
+
 def test_restated_defaults_match_the_config_classes():
     from edge.training.recipes import TUNES, WIRE_CHOICES, TrainConfig
     from emulator.adapters.lora import LoraSettings

@@ -127,6 +127,7 @@ def test_offline_training_sends_nothing_between_download_and_upload(offsite_clou
     assert upload["bytes"] == metrics["upload_bytes_sent"] + metrics["upload_bytes_received"]
     assert metrics["bytes_sent"] == metrics["bytes_received"] == metrics["round_trips"] == 0
     assert all(s["bytes_sent"] == s["bytes_received"] == 0 for s in metrics["per_step"])
+    assert metrics["site_exchanges"] == 0  # no cut crossings to subtract (was -2 per step)
     assert metrics["setup_payload_bytes_received"] > 0 and metrics["upload_payload_bytes_sent"] > 0
     assert metrics["edge_flops"] > 0 and metrics["tokens_per_s"] > 0 and metrics["edge_peak_rss_mb"] > 0
     # The default emulator: the E most important of the middle blocks 1..4 (cloud.store.emulators.default_spec).
