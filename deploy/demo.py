@@ -46,7 +46,8 @@ RUNS = [
     DemoRun("dlora+KR", ["--mode", "dlora", "--kr-budget", "0.1", "--kr-warmup", "10", "--kr-probe-every", "50",
                          "--lr", "1e-3", "--wire-dtype", "int8", "--no-eval-before"]),
     # Offsite trains offline against the emulator, which the edge runs in bf16 (frozen; the adapter
-    # trains in fp32); before/after are the emulator's accuracies.
+    # trains in fp32), with the default --tune lora-top (LoRA on the top adapter blocks only, no backward
+    # through the emulator); before/after are the emulator's accuracies.
     DemoRun("offsite", ["--mode", "offsite", "--emulator-dtype", "bfloat16"]),
 ]
 # The model owner runs the frozen middle in bf16 (the checkpoint's own dtype): about 1.5x faster per
@@ -96,12 +97,18 @@ def main() -> int:
         for run in runs:
             print(f"== 4/5 edge: {run.name} training ({args.steps} steps)")
             results[run.name] = train(run, address, identity, client_dir, args, env)
+        print("== 5/5 pull: the fine-tuned adapters in PEFT format"
+              + (", while the offsite adapter is evaluated plugged into the full model" if "offsite" in results
+                 else ""))
+        pulls = {name: subprocess.Popen([sys.executable, "-m", "edge.cli", "pull", "--cloud", address, "--identity",
+                                         str(identity), "--adapter", metrics["adapter_id"], "--out",
+                                         str(args.out / "pulled" / name)], cwd=REPO, env=env)
+                 for name, metrics in results.items()}  # light I/O: all at once, beside the plug-in eval
         if "offsite" in results:
             results["offsite"]["plug_in"] = plug_in(address, identity, client_dir, args, env)
-        print("== 5/5 pull: the fine-tuned adapters in PEFT format")
-        for name, metrics in results.items():
-            edge_cli(["pull", "--cloud", address, "--identity", str(identity), "--adapter", metrics["adapter_id"],
-                      "--out", str(args.out / "pulled" / name)], env)
+        failed = [name for name, proc in pulls.items() if proc.wait() != 0]
+        if failed:
+            raise SystemExit(f"edgetune-edge pull failed for {', '.join(failed)}")
     finally:
         cloud.send_signal(signal.SIGTERM)
         cloud.wait(timeout=30)
