@@ -93,19 +93,19 @@ def download(cfg: TrainConfig, connect: Connect, traffic: Traffic) -> OffsiteKit
         return load_kit(client.bundle(info), compute_dtype(cfg.emulator_dtype))
 
 
-def trainable(kit: OffsiteKit, cfg: TrainConfig) -> tuple[EdgeModel, list[torch.nn.Parameter]]:
-    """The model to train and its trainable parameters: LoRA (default), LoRA of the top blocks only (the
-    bottom blocks' LoRA stays zero and frozen, so the adapter keeps the usual format), or the adapter
-    blocks' weights."""
+def trainable(edge: EdgeModel, spec: ArchSpec, cfg: TrainConfig) -> tuple[EdgeModel, list[torch.nn.Parameter]]:
+    """The model to train and its trainable parameters (``edge`` is left as it is): LoRA of the top blocks
+    only (default; the bottom blocks' LoRA stays zero and frozen, so the adapter keeps the usual format),
+    LoRA on both adapter ends, or the adapter blocks' weights."""
     torch.manual_seed(cfg.seed)
     if cfg.tune in ("lora", "lora-top"):
-        model = cast(EdgeModel, add_lora(kit.edge, cfg.lora, kit.spec))
+        model = cast(EdgeModel, add_lora(edge, cfg.lora, spec))
         lora = lora_parameters(model)
         if cfg.tune == "lora-top":
             for name, param in lora.items():
                 param.requires_grad_(name.startswith("top."))
         return model, [p for p in lora.values() if p.requires_grad]
-    model = copy.deepcopy(kit.edge).requires_grad_(False)
+    model = copy.deepcopy(edge).requires_grad_(False)
     params = list(block_parameters(model).values())
     for p in params:
         p.requires_grad_(True)
@@ -146,7 +146,7 @@ def train_offsite(cfg: TrainConfig, connect: Connect = secure_channel) -> RunMet
 def _single(cfg: TrainConfig, kit: OffsiteKit, data: Dataset, eval_data: Dataset | None, metrics: RunMetrics,
             connect: Connect, start: float) -> AdapterMeta:
     """Plain Offsite-Tuning: one client, one round; no channel is open while training."""
-    model, params = trainable(kit, cfg)
+    model, params = trainable(kit.edge, kit.spec, cfg)
     _evaluate_emulator(model, kit, eval_data, cfg, metrics, "eval_accuracy_before")
     metrics.steps = train_loop(model, kit.link(), data, kit.pad_id, cfg, params)
     _evaluate_emulator(model, kit, eval_data, cfg, metrics, "eval_accuracy_after")

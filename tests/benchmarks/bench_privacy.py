@@ -232,6 +232,7 @@ def run_offsite(b: Bench, s: Setting) -> dict:
     owner gets only the upload. No state crosses the wire, so no inversion attack applies; what the
     upload gives away is measured by the membership probe on the full model (plug-in)."""
     from cloud.store.emulators import EmulatorStore, default_spec, model_fingerprint
+    from edge.modes.offsite import trainable
 
     split = split_causal_lm(b.full, s.edge_layers)
     base, middle = split.edge, split.middle.to(torch.bfloat16).requires_grad_(False)
@@ -240,14 +241,14 @@ def run_offsite(b: Bench, s: Setting) -> dict:
                                                       b.tok)
     emulator = stored.load(b.full).to(torch.bfloat16).requires_grad_(False)
     cfg = b.config(s)
-    torch.manual_seed(cfg.seed)
-    model = add_lora(base, cfg.lora, base.bottom.spec)
+    model, params = trainable(base, base.bottom.spec, cfg)  # the edge's default --tune (lora-top)
     t0 = time.perf_counter()
-    records = train_loop(model, LocalMiddle(emulator), b.train_data, b.pad_id, cfg)
+    records = train_loop(model, LocalMiddle(emulator), b.train_data, b.pad_id, cfg, params)
     train_s = time.perf_counter() - t0
     plug_in = evaluate(model, LocalMiddle(middle), b.eval_data, b.pad_id, 32, Traffic(), "plug-in")
     return {"setting": s.name, "mode": s.mode, "edge_layers": s.edge_layers, "noise": 0.0, "nopeek": 0.0,
-            "steps": cfg.steps, "lr": cfg.lr, "lora_targets": list(cfg.lora.targets), "emulator": stored.key,
+            "steps": cfg.steps, "lr": cfg.lr, "lora_targets": list(cfg.lora.targets), "tune": cfg.tune,
+            "emulator": stored.key,
             "emulator_blocks": stored.blocks, "accuracy": plug_in, "eval_rows": len(b.prompts),
             "strongest_attack": "none (no state crosses the wire)", "token_recovery": 0.0, "row_exact": 0.0,
             "rouge_l": 0.0, "attack_rows": 0, "attacks": [], "label_from_gradient": None, "label_rows": 0,
