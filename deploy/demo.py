@@ -80,13 +80,13 @@ def main() -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "EDGETUNE_CACHE": str(args.out / "edge-cache"),
            "PYTHONUNBUFFERED": "1"}
     (args.out / "edge-cache").mkdir(parents=True)
-    print("== 1/5 data: the client's private Rotten Tomatoes partition")
+    stage(start, "1/5 data: the client's private Rotten Tomatoes partition")
     prepare(args.out / "data", clients=1, train_rows=args.train_rows, eval_rows=args.eval_rows, seed=0)
     client_dir = args.out / "data" / "client0"
-    print("== 2/5 identities: CA, server certificate, client certificate")
+    stage(start, "2/5 identities: CA, server certificate, client certificate")
     init_pki(args.out / "pki", ["localhost", "127.0.0.1"])
     identity = issue_client(args.out / "pki", "client0")
-    print("== 3/5 cloud: SmolLM2-135M coordinator on loopback (mutual TLS), with its offsite emulator")
+    stage(start, "3/5 cloud: SmolLM2-135M coordinator on loopback (mutual TLS), with its offsite emulator")
     resolve_model("smollm2-135m")  # converts the GGUF once, before the clock of the cloud starts
     cloud_env = {**env, "EDGETUNE_CACHE": str(cache_root())}  # the model owner's cache: converted model, emulator
     if any(r.name == "offsite" for r in runs):
@@ -95,9 +95,9 @@ def main() -> int:
     try:
         results = {}
         for run in runs:
-            print(f"== 4/5 edge: {run.name} training ({args.steps} steps)")
+            stage(start, f"4/5 edge: {run.name} training ({args.steps} steps)")
             results[run.name] = train(run, address, identity, client_dir, args, env)
-        print("== 5/5 pull: the fine-tuned adapters in PEFT format"
+        stage(start, "5/5 pull: the fine-tuned adapters in PEFT format"
               + (", while the offsite adapter is evaluated plugged into the full model" if "offsite" in results
                  else ""))
         pulls = {name: subprocess.Popen([sys.executable, "-m", "edge.cli", "pull", "--cloud", address, "--identity",
@@ -114,6 +114,11 @@ def main() -> int:
         cloud.wait(timeout=30)
     print(table(results, time.perf_counter() - start))
     return 0
+
+
+def stage(start: float, text: str) -> None:
+    """A stage header with the seconds the demo has run so far."""
+    print(f"== {text}  [{time.perf_counter() - start:.0f} s]", flush=True)
 
 
 def start_cloud(out: Path, threads: int, env: dict) -> tuple[subprocess.Popen, str]:

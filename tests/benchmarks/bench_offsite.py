@@ -19,6 +19,12 @@ unique-parameter share, with McNemar p against zero-shot; resumable units, share
         --threads 1
     python tests/benchmarks/bench_offsite.py --phase matrix --units report --eval-rows 500 --steps 100
 
+``--phase speed`` measures the edge's training speed and memory on its own: offsite against the default
+emulator (``--tune lora`` and ``lora-top``, the emulator in fp32 and bf16) and full-model LoRA, each in its own
+process (so its peak RSS is its own), the same batches and steps, every setting twice in mirrored order:
+
+    python tests/benchmarks/bench_offsite.py --phase speed --steps 30 --threads 2
+
 Results go to ``docs/offsite_benchmark.json`` and are rendered to ``docs/offsite_benchmark.md`` after
 every phase, so a partial run leaves what it measured; a single phase can be redone on its own with
 ``--phase zero-shot|offsite|plug-in|full-lora``. The data is one client's Rotten Tomatoes partition
@@ -31,6 +37,7 @@ builds it there; resumable, cached):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -52,7 +59,7 @@ from emulator.adapters.lora import LoraSettings, add_lora, lora_parameters  # no
 from emulator.adapters.plugin import apply_to_edge  # noqa: E402
 from emulator.data.datasets import IGNORE, load_eval, load_train, train_batches  # noqa: E402
 from emulator.model.arch import arch_for  # noqa: E402
-from emulator.model.bundle import bundle_files, write_bundle  # noqa: E402
+from emulator.model.bundle import bundle_files, read_plan, write_bundle  # noqa: E402
 from emulator.model.loading import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 from emulator.model.segments import plan_for, split_causal_lm  # noqa: E402
 from protocol.accounting import Traffic  # noqa: E402
@@ -64,7 +71,8 @@ OUT_JSON, OUT_MD = REPO / "docs" / "offsite_benchmark.json", REPO / "docs" / "of
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", required=True, choices=["all", "zero-shot", "offsite", "plug-in", "full-lora",
-                                                      "report", "_train-offsite", "_train-full", "matrix"])
+                                                      "report", "_train-offsite", "_train-full", "matrix", "speed",
+                                                      "_speed-offsite", "_speed-full"])
     p.add_argument("--units", default="all",
                    help="matrix: which units this worker runs: all, ceiling, emulators, report, ceiling-seeds=1,2 "
                         "first-seeds=1,2, emulator=TEXT or queue (several workers may share --work)")
@@ -81,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads of every phase (set explicitly)")
+    # internal: what one --phase speed child measures and where it writes it
+    p.add_argument("--tune", default="lora", choices=["lora", "lora-top"], help=argparse.SUPPRESS)
+    p.add_argument("--emulator-dtype", default="float32", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)
+    p.add_argument("--speed-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -242,6 +254,10 @@ def child_full(args) -> None:
 
     out = timed_loop(step, params, train_batches(data, cfg.batch_size, tok.pad_token_id, cfg.seed), cfg)
     out["peak_rss_mb"] = peak_rss_mb()
+    out["trainable_params"] = sum(p.numel() for p in params)
+    if args.speed_out is not None:  # --phase speed: no evaluation
+        args.speed_out.write_text(json.dumps(out))
+        return
     model.eval()
     full = split_causal_lm(model, args.edge_layers)
     eval_data = load_eval(eval_subset(args), tok, cfg.seq_len)
@@ -260,11 +276,12 @@ def phase_plug_in(args) -> None:
                                             Traffic())})
 
 
-def child(args, phase: str) -> None:
+def child(args, phase: str, extra: list[str] | None = None) -> None:
     """A phase in its own process, so its peak RSS is its own."""
     argv = sys.argv[1:]
     at = argv.index("--phase")
-    subprocess.run([sys.executable, __file__, *argv[:at], *argv[at + 2:], "--phase", phase], check=True, cwd=REPO)
+    subprocess.run([sys.executable, __file__, *argv[:at], *argv[at + 2:], "--phase", phase, *(extra or [])],
+                   check=True, cwd=REPO)
 
 
 def phase_all(args) -> None:
@@ -287,6 +304,94 @@ def phase_all(args) -> None:
                    "threads": args.threads, "wall_s": time.perf_counter() - start})
 
 
+# --phase speed: (name, child phase, extra flags); every setting runs twice, in this order and then reversed
+SPEED_RUNS = [("offsite, --tune lora, fp32 emulator", "_speed-offsite", ["--tune", "lora"]),
+              ("offsite, --tune lora-top, fp32 emulator", "_speed-offsite", ["--tune", "lora-top"]),
+              ("offsite, --tune lora-top, bf16 emulator", "_speed-offsite",
+               ["--tune", "lora-top", "--emulator-dtype", "bfloat16"]),
+              ("full-model LoRA (reference)", "_speed-full", [])]
+
+
+def default_bundle(args) -> Path:
+    """The offsite bundle of the default emulator (``serve``'s and the demo's), built into --store if missing."""
+    from cloud.store.emulators import default_spec
+
+    model_dir = resolve_model(MODEL)
+    model = load_causal_lm(model_dir).requires_grad_(False)
+    spec = default_spec(args.edge_layers, model.config.num_hidden_layers - 2 * args.edge_layers,
+                        args.emulator_layers)
+    stored = EmulatorStore(args.store).build(model, MODEL, model_fingerprint(model_dir), spec,
+                                             load_tokenizer(model_dir))
+    return write_bundle(model, model_dir, plan_for(model.config, args.edge_layers), args.store / "bundles", MODEL,
+                        stored.load(model), stored.public_meta())
+
+
+def speed_offsite(args) -> None:
+    """One offsite training run of --phase speed: only the bundle in memory, the product's trainable set."""
+    from edge.modes.offsite import trainable
+
+    kit = load_kit(default_bundle_path(args), getattr(torch, args.emulator_dtype))
+    cfg = dataclasses.replace(train_config(args), tune=args.tune)
+    data = load_train(cfg.data, kit.tokenizer, cfg.seq_len)
+    model, params = trainable(kit.edge, kit.spec, cfg)
+    link = kit.link()
+    model.train()
+    out = timed_loop(lambda s, i, lab: split_step(model, link, s, i, lab, Traffic()).loss, params,
+                     train_batches(data, cfg.batch_size, kit.pad_id, cfg.seed), cfg)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["trainable_params"] = sum(p.numel() for p in params)
+    args.speed_out.write_text(json.dumps(out))
+
+
+def default_bundle_path(args) -> Path:
+    return Path((args.work / "speed-bundle.txt").read_text())
+
+
+def phase_speed(args) -> None:
+    """Edge tokens/s, FLOPs/step and peak RSS of offsite training (default emulator) vs full-model LoRA."""
+    if not (args.data / "train.jsonl").is_file():
+        sys.path.insert(0, str(REPO / "deploy"))
+        from prepare_rotten_tomatoes import prepare
+
+        prepare(args.data.parent, clients=1, train_rows=2000, eval_rows=1000, seed=0)
+    bundle = default_bundle(args)  # built (once) before any timed child starts
+    (args.work / "speed-bundle.txt").write_text(str(bundle))
+    start, runs = time.perf_counter(), {name: [] for name, _, _ in SPEED_RUNS}
+    for order in (SPEED_RUNS, SPEED_RUNS[::-1]):
+        for name, phase, extra in order:
+            got = args.work / "speed-run.json"
+            got.unlink(missing_ok=True)
+            child(args, phase, [*extra, "--speed-out", str(got)])
+            runs[name].append(json.loads(got.read_text()))
+    blocks = read_plan(bundle)[1].get("emulator", {}).get("blocks")
+    record("speed", {"runs": runs, "emulator": blocks, "steps": args.steps, "threads": args.threads,
+                     "batch": f"{args.batch_size} x <= {args.seq_len} tokens",
+                     "command": "python tests/benchmarks/bench_offsite.py " + " ".join(sys.argv[1:]),
+                     "wall_s": time.perf_counter() - start})
+
+
+def render_speed(sp: dict) -> list[str]:
+    """The --phase speed table: each setting's two runs, and the ratios to full-model LoRA (run-wise mean)."""
+    full = sp["runs"]["full-model LoRA (reference)"]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    lines = ["## Edge training speed and memory (`--phase speed`)", "",
+             f"`{sp['command']}`: {sp['steps']} steps of batch {sp['batch']} ({sp['threads']} threads, the first 3 "
+             f"steps not timed), each setting in its own process, twice (in order, then in reverse order); "
+             f"default emulator (blocks {sp.get('emulator')}). Ratios are of the two runs' means.", "",
+             "| edge training | tokens/s (run 1 / run 2) | vs full-model LoRA | peak RSS MiB (run 1 / run 2) "
+             "| vs full-model LoRA | GFLOPs/step | trainable params |", "|---|---|---|---|---|---|---|"]
+    for name, rows in sp["runs"].items():
+        tps = " / ".join(f"{r['tokens_per_s']:.0f}" for r in rows)
+        rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in rows)
+        lines.append(f"| {name} | {tps} | {mean(rows, 'tokens_per_s') / mean(full, 'tokens_per_s'):.2f}x | {rss} | "
+                     f"{mean(rows, 'peak_rss_mb') / mean(full, 'peak_rss_mb'):.2f}x | "
+                     f"{mean(rows, 'flops_per_step') / 1e9:.0f} | {rows[0].get('trainable_params', 0):,} |")
+    return lines
+
+
 def phase_matrix(args) -> None:
     """The emulator matrix (see tests/benchmarks/offsite_matrix.py): resumable units under --work/units."""
     from tests.benchmarks.offsite_matrix import Matrix, default_emulators, run, summary
@@ -303,7 +408,7 @@ def phase_matrix(args) -> None:
         run(m, args.units)
     old = results()
     earlier = old.get("earlier_run") or {k: v for k, v in old.items() if not k.startswith("matrix")}
-    data = {k: v for k, v in old.items() if k.startswith("matrix")}
+    data = {k: v for k, v in old.items() if k.startswith("matrix") or k == "speed"}
     data["matrix"] = summary(m)
     data["earlier_run"] = earlier  # the single-emulator --phase all run: speed, memory and bytes
     # the commands behind this table: the workers that ran on this --work (a table from another --work,
@@ -325,8 +430,9 @@ def render(d: dict) -> str:
         command = "; ".join(r["command"] for r in runs.values()) or "tests/benchmarks/bench_offsite.py --phase matrix"
         threads = next(iter(runs.values()), {}).get("threads", "?")
         earlier = render(d["earlier_run"]).split("\n", 1)[1] if d.get("earlier_run") else ""
+        speed = [*render_speed(d["speed"]), ""] if d.get("speed") else []
         return "\n".join(["# Offsite-Tuning emulator benchmark (SmolLM2-135M, Rotten Tomatoes)", "",
-                          *render_matrix(d["matrix"], command, threads), "",
+                          *render_matrix(d["matrix"], command, threads), "", *speed,
                           "## Earlier single-emulator run (`--phase all`; edge speed, memory and bytes, not rerun)",
                           earlier])
     z, o, p, f = (d.get(k, {}) for k in ("zero_shot", "offsite", "plug_in", "full_lora"))
@@ -394,6 +500,12 @@ def main(argv=None) -> None:
     elif args.phase == "full-lora":
         child(args, "_train-full")
     elif args.phase == "_train-full":
+        child_full(args)
+    elif args.phase == "speed":
+        phase_speed(args)
+    elif args.phase == "_speed-offsite":
+        speed_offsite(args)
+    elif args.phase == "_speed-full":
         child_full(args)
     else:
         OUT_MD.write_text(render(results()))

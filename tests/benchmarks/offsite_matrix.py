@@ -47,13 +47,12 @@ class Emulator:
     name: str
     spec: EmulatorSpec
     seeds: tuple[int, ...] = (0,)
-    # "lora" (both adapter ends), "lora-top" / "lora-bottom" (only that end's LoRA trained), "full";
-    # every seed for "lora" and "lora-top", seed 0 only for the others
-    adapters: tuple[str, ...] = ("lora",)
+    # "lora" (both adapter ends), "lora-top" / "lora-bottom" (only that end's LoRA trained), "full"
+    adapters: tuple[str, ...] = ("lora", "lora-top")
+    seeded: tuple[str, ...] = ("lora", "lora-top")  # the kinds trained on every seed; the others on seeds[0]
 
 
 TUNES = ("lora", "lora-top", "lora-bottom", "full")
-SEEDED = ("lora", "lora-top")
 
 
 @dataclass
@@ -79,7 +78,8 @@ def default_emulators() -> list[Emulator]:
                  EmulatorSpec(2, 8, distill=PAPER_KD, selection="importance", bridge_rank=288)),
         Emulator("importance 2-13-2", EmulatorSpec(2, 13, selection="importance")),
         Emulator("importance 2-8-2, paper KD 300 steps", EmulatorSpec(2, 8, distill=PAPER_KD_LONG,
-                                                                       selection="importance")),
+                                                                       selection="importance"), (0, 1, 2),
+                 seeded=("lora-top",)),
     ]
 
 
@@ -87,11 +87,11 @@ def unit_order(emulators: list[Emulator]) -> list[tuple[Emulator, str, int]]:
     """(emulator, adapter kind, seed) in the order they run: the first construction's seeded kinds seed by
     seed, then its other kinds, then the other constructions."""
     first, rest = emulators[0], emulators[1:]
-    order = [(first, t, first.seeds[0]) for t in first.adapters if t in SEEDED]
-    order += [(first, t, s) for s in first.seeds[1:] for t in first.adapters if t in SEEDED]
-    order += [(first, t, first.seeds[0]) for t in first.adapters if t not in SEEDED]
+    order = [(first, t, first.seeds[0]) for t in first.adapters if t in first.seeded]
+    order += [(first, t, s) for s in first.seeds[1:] for t in first.adapters if t in first.seeded]
+    order += [(first, t, first.seeds[0]) for t in first.adapters if t not in first.seeded]
     for em in rest:
-        order += [(em, t, s) for t in em.adapters for s in (em.seeds if t in SEEDED else em.seeds[:1])]
+        order += [(em, t, s) for t in em.adapters for s in (em.seeds if t in em.seeded else em.seeds[:1])]
     seen: set[tuple[str, str, int]] = set()
     return [u for u in order if (u[0].name, u[1], u[2]) not in seen and not seen.add((u[0].name, u[1], u[2]))]
 
@@ -277,7 +277,7 @@ def run(m: Matrix, which: str) -> None:
         ceilings: list[tuple[str, object]] = [(f"ceiling K=2 seed {s}", s) for s in m.seeds]
         units: list[tuple[str, object]] = [(f"{em.name} | {t} | seed {s}", (em, t, s))
                                            for em, t, s in unit_order(m.emulators)]
-        per_seed = len([t for t in m.emulators[0].adapters if t in SEEDED])
+        per_seed = len([t for t in m.emulators[0].adapters if t in m.emulators[0].seeded])
         for i, ceiling in enumerate(ceilings):  # each ceiling seed beside the default's units of that seed
             queue += [ceiling] + units[i * per_seed:(i + 1) * per_seed]
         queue += units[len(ceilings) * per_seed:] + [(f"build {em.name}", em) for em in m.emulators]
