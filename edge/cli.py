@@ -117,8 +117,8 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
                         "on every block, all kept on the edge; offsite: train offline against an emulator")
     t.add_argument("--tune", default="", choices=TUNES,
                    help="offsite: lora-top (default): LoRA on the top adapter blocks only (no backward through "
-                        "the emulator; in docs/offsite.md the best plug-in and the only variant that never fell "
-                        "below zero-shot); lora: LoRA on both adapter ends (the default of --federated rounds); "
+                        "the emulator; in docs/offsite.md the best mean plug-in, never below zero-shot on the default "
+                        "emulator); lora: LoRA on both adapter ends (the default of --federated rounds); "
                         "full: full tuning of the adapter blocks")
     t.add_argument("--emulator-layers", type=int, default=0, help="offsite: emulator depth E (0: the cloud's)")
     t.add_argument("--emulator-dtype", default="float32", choices=COMPUTE_CHOICES,

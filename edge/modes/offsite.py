@@ -147,7 +147,8 @@ def _single(cfg: TrainConfig, kit: OffsiteKit, data: Dataset, eval_data: Dataset
             connect: Connect, start: float) -> AdapterMeta:
     """Plain Offsite-Tuning: one client, one round; no channel is open while training."""
     model, params = trainable(kit.edge, kit.spec, cfg)
-    _evaluate_emulator(model, kit, eval_data, cfg, metrics, "eval_accuracy_before")
+    if cfg.eval_before:
+        _evaluate_emulator(model, kit, eval_data, cfg, metrics, "eval_accuracy_before")
     metrics.steps = train_loop(model, kit.link(), data, kit.pad_id, cfg, params)
     _evaluate_emulator(model, kit, eval_data, cfg, metrics, "eval_accuracy_after")
     adapter_dir = save_trained(model, kit, cfg, cfg.out / "adapter")
@@ -162,7 +163,8 @@ def _single(cfg: TrainConfig, kit: OffsiteKit, data: Dataset, eval_data: Dataset
 def _federated(cfg: TrainConfig, kit: OffsiteKit, data: Dataset, eval_data: Dataset | None,
                metrics: RunMetrics, connect: Connect) -> AdapterMeta:
     """FedAvg rounds: pull the global adapter, train offline, submit; at the end pull the final one."""
-    _evaluate_emulator(kit.edge, kit, eval_data, cfg, metrics, "eval_accuracy_before")
+    if cfg.eval_before:
+        _evaluate_emulator(kit.edge, kit, eval_data, cfg, metrics, "eval_accuracy_before")
     after, rounds = 0, []
     while True:
         with connect(cfg.cloud, cfg.identity) as channel:
