@@ -485,30 +485,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)  # also the stand-in identity directory of TrainConfig
     torch.set_num_threads(args.threads)
-    if args.phase == "matrix":
-        phase_matrix(args)
-    elif args.phase == "all":
-        phase_all(args)
-    elif args.phase == "zero-shot":
-        phase_zero_shot(args)
-    elif args.phase == "offsite":
-        child(args, "_train-offsite")
-    elif args.phase == "_train-offsite":
-        child_offsite(args)
-    elif args.phase == "plug-in":
-        phase_plug_in(args)
-    elif args.phase == "full-lora":
-        child(args, "_train-full")
-    elif args.phase == "_train-full":
-        child_full(args)
-    elif args.phase == "speed":
-        phase_speed(args)
-    elif args.phase == "_speed-offsite":
-        speed_offsite(args)
-    elif args.phase == "_speed-full":
-        child_full(args)
-    else:
-        OUT_MD.write_text(render(results()))
+    phases = {"matrix": phase_matrix, "all": phase_all, "zero-shot": phase_zero_shot, "plug-in": phase_plug_in,
+              "offsite": lambda a: child(a, "_train-offsite"), "_train-offsite": child_offsite,
+              "full-lora": lambda a: child(a, "_train-full"), "_train-full": child_full, "speed": phase_speed,
+              "_speed-offsite": speed_offsite, "_speed-full": child_full,
+              "report": lambda a: OUT_MD.write_text(render(results()))}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":
