@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m mypy cloud edge protocol emulator
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job: split, dlora + Kill-and-Revive and offsite side by side (about 13 minutes on 2 cores
+# The main job: split, dlora + Kill-and-Revive and offsite side by side (about 10 minutes on 2 cores
 # from a fresh clone, venv included; the first run measures the offsite emulator's blocks once into ~/.cache/edgetune).
 # `make demo DEMO_MODES=split` runs split mode alone.
 DEMO_MODES ?= split,dlora+KR,offsite

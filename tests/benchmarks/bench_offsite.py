@@ -92,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # internal: what one --phase speed child measures and where it writes it
     p.add_argument("--tune", default="lora", choices=["lora", "lora-top"], help=argparse.SUPPRESS)
     p.add_argument("--emulator-dtype", default="float32", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)
+    p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--speed-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -330,7 +331,7 @@ def speed_offsite(args) -> None:
     """One offsite training run of --phase speed: only the bundle in memory, the product's trainable set."""
     from edge.modes.offsite import trainable
 
-    kit = load_kit(default_bundle_path(args), getattr(torch, args.emulator_dtype))
+    kit = load_kit(args.bundle, getattr(torch, args.emulator_dtype))
     cfg = dataclasses.replace(train_config(args), tune=args.tune)
     data = load_train(cfg.data, kit.tokenizer, cfg.seq_len)
     model, params = trainable(kit.edge, kit.spec, cfg)
@@ -343,10 +344,6 @@ def speed_offsite(args) -> None:
     args.speed_out.write_text(json.dumps(out))
 
 
-def default_bundle_path(args) -> Path:
-    return Path((args.work / "speed-bundle.txt").read_text())
-
-
 def phase_speed(args) -> None:
     """Edge tokens/s, FLOPs/step and peak RSS of offsite training (default emulator) vs full-model LoRA."""
     if not (args.data / "train.jsonl").is_file():
@@ -355,13 +352,12 @@ def phase_speed(args) -> None:
 
         prepare(args.data.parent, clients=1, train_rows=2000, eval_rows=1000, seed=0)
     bundle = default_bundle(args)  # built (once) before any timed child starts
-    (args.work / "speed-bundle.txt").write_text(str(bundle))
     start, runs = time.perf_counter(), {name: [] for name, _, _ in SPEED_RUNS}
     for order in (SPEED_RUNS, SPEED_RUNS[::-1]):
         for name, phase, extra in order:
             got = args.work / "speed-run.json"
             got.unlink(missing_ok=True)
-            child(args, phase, [*extra, "--speed-out", str(got)])
+            child(args, phase, [*extra, "--bundle", str(bundle), "--speed-out", str(got)])
             runs[name].append(json.loads(got.read_text()))
     blocks = read_plan(bundle)[1].get("emulator", {}).get("blocks")
     record("speed", {"runs": runs, "emulator": blocks, "steps": args.steps, "threads": args.threads,
