@@ -189,6 +189,10 @@ def train_edge(edge, middle, data, pad_id: int, tune: str, steps: int, seed: int
     return model.eval(), {"loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10}
 
 
+def ceiling_name(seed: int, k: int = 2, tune: str = "lora") -> str:
+    return f"ceiling K={k} seed {seed}" if tune == "lora" else f"ceiling K={k} {tune} seed {seed}"
+
+
 class Runner:
     """Loads the model once and runs the units it is asked for."""
 
@@ -215,13 +219,14 @@ class Runner:
                                                "eval_s": time.perf_counter() - t0})
         return got
 
-    def ceiling(self, seed: int, k: int = 2) -> None:
-        name = f"ceiling K={k} seed {seed}"
+    def ceiling(self, seed: int, k: int = 2, tune: str = "lora") -> None:
+        """The same adapter trained against the real middle (``tune``: which LoRA trains, as offsite's)."""
+        name = ceiling_name(seed, k, tune)
         if self.units.get(name) is not None:
             return
         edge, middle = self.split(k)
         t0 = time.perf_counter()
-        tuned, losses = train_edge(edge, middle, self.train, self.pad, "lora", self.m.steps, seed)
+        tuned, losses = train_edge(edge, middle, self.train, self.pad, tune, self.m.steps, seed)
         train_s = time.perf_counter() - t0
         self.units.put(name, {"correct": correct_rows(tuned, middle, self.eval, self.pad), "train_s": train_s,
                               **losses})
@@ -274,13 +279,15 @@ def run(m: Matrix, which: str) -> None:
         return
     if which == "queue":  # every unit in priority order; several workers share the queue by claiming units
         queue: list[tuple[str, object]] = [("zero-shot", None)]
-        ceilings: list[tuple[str, object]] = [(f"ceiling K=2 seed {s}", s) for s in m.seeds]
+        ceilings: list[tuple[str, object]] = [(ceiling_name(s), (s, "lora")) for s in m.seeds]
         units: list[tuple[str, object]] = [(f"{em.name} | {t} | seed {s}", (em, t, s))
                                            for em, t, s in unit_order(m.emulators)]
         per_seed = len([t for t in m.emulators[0].adapters if t in m.emulators[0].seeded])
         for i, ceiling in enumerate(ceilings):  # each ceiling seed beside the default's units of that seed
             queue += [ceiling] + units[i * per_seed:(i + 1) * per_seed]
         queue += units[len(ceilings) * per_seed:] + [(f"build {em.name}", em) for em in m.emulators]
+        # the ceiling of top-only LoRA (the offsite default's adapter, trained against the real middle)
+        queue += [(ceiling_name(s, tune="lora-top"), (s, "lora-top")) for s in m.seeds]
         for name, what in queue:
             # a build unit is claimed inside Runner.build (an adapter unit may build it first)
             if r.units.get(name) is not None or (not name.startswith("build ") and not r.units.claim(name)):
@@ -288,7 +295,8 @@ def run(m: Matrix, which: str) -> None:
             if name == "zero-shot":
                 r.zero_shot()
             elif name.startswith("ceiling"):
-                r.ceiling(what)  # type: ignore[arg-type]
+                seed, tune = what  # type: ignore[misc]
+                r.ceiling(seed, tune=tune)
             elif name.startswith("build "):
                 r.build(what)  # type: ignore[arg-type]
             else:
@@ -337,10 +345,11 @@ def summary(m: Matrix) -> dict:
 
     out: dict = {"eval_rows": len(zs["correct"]), "zero_shot": acc(zs["correct"]), "steps": m.steps,
                  "ceiling": {}, "emulators": []}
-    for seed in m.seeds:
-        u = units.get(f"ceiling K=2 seed {seed}")
-        if u:
-            out["ceiling"][seed] = {**cell(u["correct"]), "train_s": u["train_s"]}  # type: ignore[dict-item]
+    for key, tune in (("ceiling", "lora"), ("ceiling_top", "lora-top")):
+        for seed in m.seeds:
+            u = units.get(ceiling_name(seed, tune=tune))
+            if u:
+                out.setdefault(key, {})[seed] = {**cell(u["correct"]), "train_s": u["train_s"]}  # type: ignore
     for em in m.emulators:
         b = units.get(f"build {em.name}")
         if b is None:
@@ -379,6 +388,9 @@ def render(s: dict, command: str, threads: int) -> list[str]:
              "| | accuracy |", "|---|---|", f"| Full model, zero-shot | {zs:.3f} |"]
     for seed, c in s["ceiling"].items():
         lines.append(f"| Split ceiling (K=2, LoRA r=8 all projections, real middle), seed {seed} | {fmt(c)} |")
+    for seed, c in s.get("ceiling_top", {}).items():
+        lines.append(f"| Split ceiling of top-only LoRA (the same LoRA on the top 2 blocks only, real middle), "
+                     f"seed {seed} | {fmt(c)} |")
     lines += ["", "| emulator | build s | unique share of middle | emulator zero-shot | adapter | seed | "
               "emulator + adapter | plug-in | plug-in gain over zero-shot | share of ceiling gap closed |",
               "|---|---|---|---|---|---|---|---|---|---|"]
