@@ -235,7 +235,9 @@ def table(results: dict[str, dict], wall_s: float) -> str:
     for name, m in results.items():
         where = "emulator (edge only)" if name == "offsite" else "full model (split inference)"
         before = m.get("eval_accuracy_before") or zero_shot
-        mark = "*" if m.get("before_reused") or (name != "offsite" and results["split"].get("before_reused")) else ""
+        # a run that measured no "before" of its own shows split's zero-shot, reused or not
+        reused = m.get("before_reused") if m.get("eval_accuracy_before") else results["split"].get("before_reused")
+        mark = "*" if reused else ""
         lines.append(f"| {name} | {where} | {before:.3f}{mark} | {m['eval_accuracy_after']:.3f} | "
                      f"{m['bytes_sent'] / 1e6:.1f} | {m['bytes_received'] / 1e6:.1f} | "
                      f"{m['setup_bytes_received'] / 1e6:.1f} | {m['edge_flops'] / 1e9:.0f} | "

@@ -319,12 +319,12 @@ def default_bundle(args) -> Path:
 
     model_dir = resolve_model(MODEL)
     model = load_causal_lm(model_dir).requires_grad_(False)
-    spec = default_spec(args.edge_layers, model.config.num_hidden_layers - 2 * args.edge_layers,
-                        args.emulator_layers)
+    plan = plan_for(model.config, args.edge_layers)
+    spec = default_spec(args.edge_layers, len(plan.middle), args.emulator_layers)  # as serve picks it
     stored = EmulatorStore(args.store).build(model, MODEL, model_fingerprint(model_dir), spec,
                                              load_tokenizer(model_dir))
-    return write_bundle(model, model_dir, plan_for(model.config, args.edge_layers), args.store / "bundles", MODEL,
-                        stored.load(model), stored.public_meta())
+    return write_bundle(model, model_dir, plan, args.store / "bundles", MODEL, stored.load(model),
+                        stored.public_meta())
 
 
 def speed_offsite(args) -> None:
